@@ -1,0 +1,31 @@
+# wsigen — set-up, tests, benchmarks.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# CPU machines get the pinned CPU wheel; see README for the CUDA install.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-all bench lint clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/wsigen --help > /dev/null && echo "wsigen installed in $(VENV)"
+
+test:
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+test-all:
+	$(BIN)/python -m pytest -q -m "" -p no:cacheprovider
+
+bench:
+	$(BIN)/python benchmarks/run_all.py
+
+lint:
+	$(BIN)/ruff check wsigen tests benchmarks
+	$(BIN)/ruff format --check wsigen tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
