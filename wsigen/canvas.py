@@ -1,0 +1,51 @@
+"""Where a stage's state lives: a band of rows [y0, y1) of the (3, H, W) canvas.
+
+A single process holds every row; with several processes each holds the band its patch rows
+need, and ``distributed`` moves rows between bands when the grid shifts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """x ∈ [−1, 1] → round((x + 1)·127.5), clipped: the one conversion used everywhere."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return torch.round((x.to(torch.float32) + 1) * 127.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def from_uint8(u: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:
+    """uint8 → float32 in [−1, 1] (the inverse of ``to_uint8`` on its grid)."""
+    t = torch.as_tensor(u, device=device)
+    return t.to(torch.float32) / 127.5 - 1
+
+
+@dataclass
+class Band:
+    """Rows [y0, y1) of a (3, height, width) state; ``data`` has shape (3, y1 − y0, width)."""
+
+    height: int
+    width: int
+    y0: int
+    y1: int
+    data: torch.Tensor
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """View of canvas rows [a, b), which must lie inside the band."""
+        if not self.y0 <= a <= b <= self.y1:
+            raise IndexError(f"rows [{a}, {b}) outside band [{self.y0}, {self.y1})")
+        return self.data[:, a - self.y0 : b - self.y0]
+
+
+@dataclass
+class GuideBand:
+    """Rows [y0, y1) of the previous stage as stored (uint8, shape (3, y1 − y0, width))."""
+
+    y0: int
+    y1: int
+    data: np.ndarray

@@ -1,0 +1,254 @@
+"""The coarse-to-fine cascade (Harb et al., Algorithm 2) and the guided, grid-shifted step loop.
+
+``plan_stages`` derives L, the canvases and µm/px per stage; ``diffuse`` runs the N solver steps
+of one stage over a band of the canvas, patch by patch on a grid that shifts every step. No
+files or terminals here: guides come in as arrays, progress leaves through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import edm, gridshift, keys
+from .canvas import Band, GuideBand
+from .errors import UsageError
+from .gridshift import Patch
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    height: int
+    width: int
+    mpp: float
+
+
+def ceil_to(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def num_stages(width: int, height: int, patch: int, k: int) -> int:
+    """L = ⌈log_k(max(W, H)/M)⌉, at least 0, computed with integers."""
+    L, side = 0, patch
+    while side < max(width, height):
+        side *= k
+        L += 1
+    return L
+
+
+def plan_stages(width: int, height: int, patch: int, k: int, mpp: float) -> list[StagePlan]:
+    """Stages 0 … L: canvas of stage l = final size / k^(L−l), rounded up to a multiple of k."""
+    if width < 1 or height < 1:
+        raise UsageError(f"size must be positive (got {width}x{height})")
+    if patch % k:
+        raise UsageError(f"patch size {patch} is not a multiple of k={k}")
+    L = num_stages(width, height, patch, k)
+    plans = []
+    for l in range(L + 1):
+        f = k ** (L - l)
+        plans.append(StagePlan(l, ceil_to(-(-height // f), k), ceil_to(-(-width // f), k), mpp * f))
+    return plans
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampling options that belong to the reproducibility key (design.md §2)."""
+
+    steps: int = 40
+    guided_steps: int = 28
+    solver: str = "heun"
+    batch: int = 8
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    precision: str = "fp32"
+    grid_shift: bool = True
+    skip_background: bool = False
+    background_tolerance: float = 0.0
+
+    def schedule(self) -> edm.Schedule:
+        return edm.Schedule(self.steps, self.sigma_min, self.sigma_max, self.rho)
+
+    def validate(self) -> Settings:
+        if self.steps < 2:
+            raise UsageError(f"--steps must be at least 2 (got {self.steps})")
+        if not 0 <= self.guided_steps <= self.steps:
+            raise UsageError(f"--guided-steps must lie in [0, steps={self.steps}] (got {self.guided_steps})")
+        if self.solver not in ("heun", "euler"):
+            raise UsageError(f"--solver must be heun or euler (got {self.solver})")
+        if self.batch < 1:
+            raise UsageError(f"--batch must be at least 1 (got {self.batch})")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UsageError(f"--precision must be fp32, bf16 or fp16 (got {self.precision})")
+        return self
+
+
+@dataclass
+class StageContext:
+    """Everything one stage's loop needs besides the state."""
+
+    denoiser: torch.nn.Module
+    settings: Settings
+    seed: int
+    stage: int
+    height: int
+    width: int
+    mpp: float
+    patch: int
+    k: int
+    background: tuple[float, float, float]  # in [−1, 1]
+    device: torch.device
+    guided: bool = True  # False for stage 0
+    shift: bool = True
+    stats: dict = field(default_factory=lambda: {"evaluations": 0, "patches": 0, "skipped": 0})
+
+    def offsets(self, step: int) -> tuple[int, int]:
+        return gridshift.grid_offset(self.seed, self.stage, step, self.patch, self.k, self.shift)
+
+    def grid(self, step: int) -> tuple[list[int], list[int]]:
+        oy, ox = self.offsets(step)
+        return gridshift.rows_and_cols(self.height, self.width, oy, ox, self.patch)
+
+
+def stage_patch_count(ctx: StageContext, step: int) -> int:
+    rows, cols = ctx.grid(step)
+    return len(rows) * len(cols)
+
+
+# Hook type: given the band and the canvas rows the next step needs, return a band holding them.
+Regroup = Callable[[Band, int, int], Band]
+RowPicker = Callable[[list[int]], list[int]]
+
+
+def _local_regroup(band: Band, y0: int, y1: int) -> Band:
+    if not band.y0 <= y0 <= y1 <= band.y1:
+        raise RuntimeError(f"band [{band.y0}, {band.y1}) lacks rows [{y0}, {y1})")
+    return band
+
+
+def _autocast(ctx: StageContext):
+    if ctx.settings.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if ctx.settings.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
+
+
+class _Batch:
+    """A batch of patches from one patch row: gathers x and y, scatters x back."""
+
+    def __init__(self, ctx: StageContext, step: int, patches: list[Patch], band: Band,
+                 guide: GuideBand | None):
+        self.ctx, self.step, self.patches, self.band = ctx, step, patches, band
+        m, k, dev = ctx.patch, ctx.k, ctx.device
+        b = torch.tensor(ctx.background, dtype=torch.float32, device=dev).reshape(1, 3, 1, 1)
+        self.bg = b
+        h, w = ctx.height, ctx.width
+        padded = [p.is_padded(h, w) for p in patches]
+        self.mask = self.eps = None
+        if any(padded):
+            # Padding is not state: b + t·ε with ε keyed by (seed, stage, step, patch position).
+            eps = torch.zeros(len(patches), 3, m, m)
+            mask = torch.ones(len(patches), 1, m, m, dtype=torch.bool)
+            for j, p in enumerate(patches):
+                if padded[j]:
+                    eps[j] = torch.from_numpy(keys.normal((3, m, m), ctx.seed, keys.PAD_NOISE,
+                                                          ctx.stage, step, p.y0, p.x0))
+                    ya, yb, xa, xb = p.valid(h, w)
+                    mask[j] = False
+                    mask[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0] = True
+            self.eps, self.mask = eps.to(dev), mask.to(dev)
+        self.y = None
+        if guide is not None:
+            mk = m // k
+            y = torch.empty(len(patches), 3, mk, mk, dtype=torch.float32)
+            y[:] = b.cpu()
+            for j, p in enumerate(patches):
+                ya, yb, xa, xb = p.valid(h, w)
+                g = guide.data[:, ya // k - guide.y0 : yb // k - guide.y0, xa // k : xb // k]
+                y[j, :, (ya - p.y0) // k : (yb - p.y0) // k, (xa - p.x0) // k : (xb - p.x0) // k] = (
+                    torch.from_numpy(np.ascontiguousarray(g)).to(torch.float32) / 127.5 - 1)
+            self.y = y.to(dev)
+
+    def gather(self, t: float) -> torch.Tensor:
+        ctx, m = self.ctx, self.ctx.patch
+        x = torch.empty(len(self.patches), 3, m, m, dtype=torch.float32, device=ctx.device)
+        for j, p in enumerate(self.patches):
+            ya, yb, xa, xb = p.valid(ctx.height, ctx.width)
+            x[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0] = self.band.rows(ya, yb)[:, :, xa:xb]
+        return self.reset(x, t)
+
+    def reset(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        if self.mask is None:
+            return x
+        return torch.where(self.mask, x, self.bg + t * self.eps)
+
+    def scatter(self, x: torch.Tensor) -> None:
+        ctx = self.ctx
+        for j, p in enumerate(self.patches):
+            ya, yb, xa, xb = p.valid(ctx.height, ctx.width)
+            self.band.rows(ya, yb)[:, :, xa:xb] = x[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0].to(
+                self.band.data.device)
+
+
+def diffuse(
+    ctx: StageContext,
+    band: Band,
+    guide: GuideBand | None,
+    start_step: int = 0,
+    pick_rows: RowPicker | None = None,
+    regroup: Regroup = _local_regroup,
+    on_patches: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, Band], Band | None] | None = None,
+) -> Band:
+    """Run steps start_step … N−1 of one stage over ``band`` and return the band.
+
+    For each step: the keyed offset gives the grid; this process takes the patch rows
+    ``pick_rows`` chooses (all by default), ``regroup`` makes the band hold their rows, and each
+    row is cut into batches of ``settings.batch`` patches left to right (fixed composition,
+    design.md §6), each advanced by one guided Heun/Euler step and written back in place.
+    """
+    s = ctx.settings
+    t = edm.karras_sigmas(s.schedule())
+    r, m, k = s.guided_steps, ctx.patch, ctx.k
+    heun = s.solver == "heun"
+    mpp = torch.tensor([ctx.mpp], dtype=torch.float32, device=ctx.device)
+    for i in range(start_step, s.steps):
+        rows, cols = ctx.grid(i)
+        mine = pick_rows(rows) if pick_rows else rows
+        band = regroup(band, *gridshift.row_span(mine, m, ctx.height))
+        guided = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
+        for y0 in mine:
+            for xs in gridshift.batches(cols, s.batch):
+                batch = _Batch(ctx, i, [Patch(y0, x0, m) for x0 in xs], band, guide if guided else None)
+
+                def denoise(x, sigma, batch=batch):
+                    with torch.no_grad(), _autocast(ctx):
+                        u = ctx.denoiser(x, torch.tensor([sigma], device=ctx.device), mpp).float()
+                    if batch.y is not None:
+                        from .guidance import project
+
+                        u = project(u, batch.y, k)
+                    return u
+
+                x = batch.gather(t[i])
+                x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=batch.reset)
+                batch.scatter(x)
+                ctx.stats["evaluations"] += n_eval * len(xs)
+                ctx.stats["patches"] += len(xs)
+                if on_patches:
+                    on_patches(i, len(xs))
+        if on_step:
+            band = on_step(i, band) or band
+    return band
+
+
+def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu") -> Band:
+    """x_0 = σ_max·ε for canvas rows [y0, y1), ε keyed per tile (design.md §2)."""
+    eps = keys.initial_noise(ctx.seed, ctx.stage, ctx.height, ctx.width, y0, y1)
+    data = torch.from_numpy(eps).mul_(ctx.settings.sigma_max).to(state_device)
+    return Band(ctx.height, ctx.width, y0, y1, data)
