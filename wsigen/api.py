@@ -1,0 +1,209 @@
+"""The Python entry points; the CLI only parses options and calls these."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, cascade, checkpoint, sampler
+from .cascade import Settings
+from .errors import UsageError, WsigenError
+from .store import SlideStore
+
+# Options that form a slide's configuration (stored in the store; --resume reuses them).
+CONFIG_KEYS = ("width", "height", "mpp", "model", "patch", "seed", "steps", "guided_steps", "solver",
+               "batch", "precision", "grid_shift", "skip_background", "background_tolerance",
+               "sigma_min", "sigma_max", "rho", "device_type", "threads")
+KEY_KEYS = tuple(k for k in CONFIG_KEYS if k != "model") + ("model_sha256",)
+
+
+def parse_size(size: str | int | tuple[int, int]) -> tuple[int, int]:
+    """'S' or 'WxH' (or an int, or (W, H)) → (W, H), both ≥ 1."""
+    if isinstance(size, tuple):
+        w, h = size
+    elif isinstance(size, int):
+        w = h = size
+    else:
+        text = str(size).strip().lower()
+        parts = text.split("x")
+        try:
+            vals = [int(p) for p in parts]
+        except ValueError:
+            raise UsageError(f"size must be S or WxH in pixels (got {size!r})") from None
+        if len(vals) == 1:
+            w = h = vals[0]
+        elif len(vals) == 2:
+            w, h = vals
+        else:
+            raise UsageError(f"size must be S or WxH in pixels (got {size!r})")
+    if w < 1 or h < 1:
+        raise UsageError(f"size must be positive (got {w}x{h})")
+    if w > 2**22 or h > 2**22:
+        raise UsageError(f"size {w}x{h} exceeds the supported maximum of {2**22} px per side")
+    return w, h
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WsigenError("--device cuda: no CUDA device is available (use --device cpu)")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or auto (got {device})")
+    return torch.device(device)
+
+
+def settings_of(cfg: dict) -> Settings:
+    return Settings(steps=cfg["steps"], guided_steps=cfg["guided_steps"], solver=cfg["solver"],
+                    batch=cfg["batch"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"],
+                    rho=cfg["rho"], precision=cfg["precision"], grid_shift=cfg["grid_shift"],
+                    skip_background=cfg["skip_background"],
+                    background_tolerance=cfg["background_tolerance"]).validate()
+
+
+def check_mpp_range(plans, model_cfg: dict, allow_extrapolation: bool) -> None:
+    lo, hi = model_cfg["mpp_range"]
+    s0, sl = plans[0].mpp, plans[-1].mpp
+    if allow_extrapolation:
+        return
+    if not lo <= s0 <= hi:
+        raise WsigenError(f"stage 0 would sample at s_0 = {s0:g} µm/px (L = {len(plans) - 1}), outside "
+                          f"the model's trained range {lo:g}–{hi:g} µm/px; choose another --mpp or "
+                          f"--size, or pass --allow-extrapolation")
+    if not lo <= sl <= hi:
+        raise WsigenError(f"final µm/px {sl:g} lies outside the model's trained range {lo:g}–{hi:g}; "
+                          f"choose another --mpp or pass --allow-extrapolation")
+
+
+def build_config(model: checkpoint.LoadedModel, model_spec: str, requested: dict,
+                 device: torch.device) -> dict:
+    mc = model.config
+    steps = requested.get("steps") or mc["steps"]
+    guided = requested.get("guided_steps")
+    if guided is None:
+        guided = min(steps, round(steps * mc["guided_steps"] / mc["steps"]))
+    w, h = parse_size(requested.get("size") or mc["recommended_size"])
+    threads = requested.get("threads") or sampler.default_threads()
+    cfg = {
+        "width": w, "height": h, "mpp": float(requested.get("mpp") or mc["final_mpp"]),
+        "model": str(model_spec), "model_sha256": model.sha256, "patch": model.patch,
+        "seed": int(requested.get("seed") or 0), "steps": steps, "guided_steps": guided,
+        "solver": requested.get("solver") or "heun", "batch": requested.get("batch") or 8,
+        "precision": requested.get("precision") or "fp32",
+        "grid_shift": requested.get("grid_shift", True) is not False,
+        "skip_background": bool(requested.get("skip_background") or False),
+        "background_tolerance": float(requested.get("background_tolerance") or 0.0),
+        "sigma_min": mc["sigma_min"], "sigma_max": mc["sigma_max"], "rho": mc["rho"],
+        "device_type": device.type, "threads": threads if device.type == "cpu" else None,
+    }
+    if cfg["mpp"] <= 0:
+        raise UsageError(f"--mpp must be positive (got {cfg['mpp']:g})")
+    return cfg
+
+
+def _merge_resume(stored: dict, requested: dict) -> dict:
+    conflicts = []
+    for key, val in requested.items():
+        if key == "size":
+            w, h = parse_size(val)
+            if (w, h) != (stored["width"], stored["height"]):
+                conflicts.append(f"size {w}x{h} (store: {stored['width']}x{stored['height']})")
+        elif key in stored and val != stored[key]:
+            conflicts.append(f"{key} {val!r} (store: {stored[key]!r})")
+    if conflicts:
+        raise UsageError("--resume: options conflict with the store's configuration: " + "; ".join(conflicts)
+                         + " — drop them to continue with the stored ones")
+    return dict(stored)
+
+
+def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: float | None = None,
+           seed: int | None = None, steps: int | None = None, guided_steps: int | None = None,
+           solver: str | None = None, batch: int | None = None, device: str = "auto",
+           patch: int | None = None, precision: str | None = None, grid_shift: bool | None = None,
+           skip_background: bool | None = None, background_tolerance: float | None = None,
+           threads: int | None = None, overwrite: bool = False, resume: bool = False,
+           allow_extrapolation: bool = False, drop_stages: bool = False,
+           checkpoint_every: int | None = None, progress: sampler.Progress | None = None,
+           topology: sampler.Topology | None = None, log=None) -> dict:
+    """Sample one synthetic slide into the zarr store ``out``; returns a summary dict."""
+    t_start = time.perf_counter()
+    requested = {k: v for k, v in dict(
+        size=size, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps, solver=solver,
+        batch=batch, precision=precision, grid_shift=grid_shift, skip_background=skip_background,
+        background_tolerance=background_tolerance, threads=threads, patch=patch,
+        model=model).items() if v is not None}
+    dev = resolve_device(device)
+    topo = topology or sampler.Topology()
+    if resume:
+        if overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        if not Path(out).exists():
+            raise WsigenError(f"--resume: {out} does not exist; start it without --resume")
+        store = SlideStore.open(out, mode="r+")
+        if store.complete:
+            raise WsigenError(f"{out} is already complete; nothing to resume")
+        requested.pop("threads", None) if dev.type != "cpu" else None
+        cfg = _merge_resume(store.info["config"], requested)
+        if cfg["device_type"] != dev.type:
+            raise WsigenError(f"--resume: the store was started on {cfg['device_type']}, this run would use "
+                              f"{dev.type}; bytes would differ (pass --device {cfg['device_type']})")
+        lm = checkpoint.load_model(cfg["model"], patch=cfg["patch"])
+        if lm.sha256 != cfg["model_sha256"]:
+            raise WsigenError(f"--resume: model {cfg['model']} has changed since the store was started "
+                              f"(sha256 {lm.sha256[:12]}… ≠ {cfg['model_sha256'][:12]}…)")
+    else:
+        spec = model or "default"
+        lm = checkpoint.load_model(spec, patch=patch)
+        cfg = build_config(lm, spec, requested, dev)
+        store = None
+    if dev.type == "cpu" and cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    settings = settings_of(cfg)
+    plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, lm.config["k"], cfg["mpp"])
+    check_mpp_range(plans, lm.config, allow_extrapolation)
+    if log and topo.rank == 0:
+        log(f"{cfg['width']}x{cfg['height']} px at {cfg['mpp']:g} µm/px: L = {len(plans) - 1}, "
+            f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
+            f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
+    lm.denoiser.to(dev)
+    if store is None:
+        info = {"torch_version": torch.__version__, "config": cfg, "seed": cfg["seed"],
+                "key": {k: cfg.get(k) for k in KEY_KEYS},
+                "model": {"name": cfg["model"], "sha256": lm.sha256, "config": lm.config},
+                "mpp_per_stage": [p.mpp for p in plans]}
+        stages = [{"index": p.index, "height": p.height, "width": p.width, "mpp": p.mpp,
+                   "path": "0" if p.index == len(plans) - 1 else f"stages/{p.index}"} for p in plans]
+        if topo.rank == 0:
+            store = SlideStore.create(out, stages=stages, final=(cfg["height"], cfg["width"]),
+                                      info=info, overwrite=overwrite)
+        topo.barrier()
+        if store is None:
+            store = SlideStore.open(out, mode="r+")
+    if checkpoint_every is None:
+        big = plans[-1].height * plans[-1].width >= 4096 * 4096
+        checkpoint_every = max(1, settings.steps // 4) if big else 0
+    stats = sampler.run(store, lm, plans, settings, cfg["seed"], dev, (cfg["height"], cfg["width"]),
+                        topo=topo, progress=progress, checkpoint_every=checkpoint_every)
+    if topo.rank == 0:
+        store.finalize(cfg["mpp"], name=Path(out).name, drop_stages=drop_stages)
+    topo.barrier()
+    wall = time.perf_counter() - t_start
+    return {
+        "output": str(out), "width": cfg["width"], "height": cfg["height"], "mpp": cfg["mpp"],
+        "stages": len(plans), "L": len(plans) - 1, "s0": plans[0].mpp,
+        "mpp_per_stage": [p.mpp for p in plans], "model": cfg["model"],
+        "model_sha256": cfg["model_sha256"], "seed": cfg["seed"], "steps": cfg["steps"],
+        "guided_steps": cfg["guided_steps"], "device": dev.type,
+        "evaluations": topo.all_sum(stats["evaluations"]), "patches": topo.all_sum(stats["patches"]),
+        "skipped": topo.all_sum(stats["skipped"]), "wall_s": round(wall, 3), "version": __version__,
+    }
+
+
+def describe_plan(width: int, height: int, patch: int, k: int, mpp: float, steps: int, solver: str) -> dict:
+    """Stages, canvases, µm/px and patch-diffusion counts without running anything."""
+    plans = cascade.plan_stages(width, height, patch, k, mpp)
+    return {"L": len(plans) - 1, "s0": plans[0].mpp,
+            "stages": [{"index": p.index, "height": p.height, "width": p.width, "mpp": p.mpp} for p in plans]}

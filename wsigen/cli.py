@@ -1,0 +1,214 @@
+"""The ``wsigen`` command line: each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import WsigenError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Synthetic gigapixel H&E whole-slide images with guided, grid-shifted diffusion.")
+model_app = typer.Typer(no_args_is_help=True, help="Create and inspect checkpoints.")
+app.add_typer(model_app, name="model")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as Ctrl-C (exit 143)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def err(msg: str) -> None:
+    typer.echo(f"wsigen: {msg}", err=True)
+
+
+def command(resume_hint=None):
+    """Decorator: WsigenError → one line + exit code; Ctrl-C/SIGTERM → 130/143 with a resume hint."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+            try:
+                return fn(*args, **kwargs)
+            except WsigenError as e:
+                err(str(e))
+                raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt as e:
+                hint = resume_hint(kwargs) if resume_hint else None
+                err("terminated" if isinstance(e, Terminated) else "interrupted"
+                    + (f"; {hint}" if hint else ""))
+                raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+            except OSError as e:
+                err(_os_message(e))
+                raise typer.Exit(1) from None
+            except MemoryError:
+                err("out of memory; use a smaller --size, more --workers, or --batch 1")
+                raise typer.Exit(1) from None
+            finally:
+                if old is not None:
+                    signal.signal(signal.SIGTERM, old)
+
+        return run
+
+    return wrap
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _os_message(e: OSError) -> str:
+    import errno
+
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"write failed ({e.strerror}{where}); free disk space, then run the same command "
+                f"with --resume to continue")
+    return f"{e.strerror or e}{where}"
+
+
+def _sample_hint(kw) -> str:
+    return f"the store is resumable: wsigen sample --resume -o {kw.get('output')}"
+
+
+def _emit(summary: dict, as_json: bool, line: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(line)
+
+
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output path.")]
+
+
+@app.command()
+@command(_sample_hint)
+def sample(
+    output: Output,
+    size: Annotated[str | None, typer.Option(help="S or WxH in pixels [default: the model's recommended size].")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Final µm/px [default: from the model].")] = None,
+    model: Annotated[str | None, typer.Option(help="Checkpoint file, training folder, or built-in: default, gaussian.")] = None,
+    patch: Annotated[int | None, typer.Option(help="Patch size M (only for models without one, e.g. gaussian).", min=2)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
+    steps: Annotated[int | None, typer.Option(help="Solver steps N [default: from the model].", min=2)] = None,
+    guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected onto the previous stage.", min=0)] = None,
+    solver: Annotated[str | None, typer.Option(help="heun or euler [default: heun].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Patches per forward pass [default: 8].", min=1)] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
+    grid_shift: Annotated[bool, typer.Option("--grid-shift/--no-grid-shift", help="Shift the patch grid every step (off: fixed grid, for ablations).")] = True,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Save the mid-stage state every K steps (0: never) [default: N/4 for stages ≥ 4096²].", min=0)] = None,
+    allow_extrapolation: Annotated[bool, typer.Option(help="Allow µm/px outside the model's trained range.")] = False,
+    drop_stages: Annotated[bool, typer.Option(help="Remove the intermediate stages at the end.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output store.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted store with its stored configuration.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Sample a synthetic slide into a zarr (OME-NGFF) store."""
+    from . import api
+    from .progress import RichProgress
+
+    bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
+    s = api.sample(output, size, model=model, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps,
+                   solver=solver, batch=batch, device=device, patch=patch, precision=precision,
+                   grid_shift=None if grid_shift else False, threads=threads, overwrite=overwrite,
+                   resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
+                   checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None)
+    _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px, {s['stages']} stages "
+          f"(s_0 = {s['s0']:g} µm/px), {s['evaluations']:,} denoiser evaluations in {s['wall_s']:.1f} s "
+          f"→ {s['output']}")
+
+
+@model_app.command("init")
+@command()
+def model_init(
+    output: Output,
+    width: Annotated[int, typer.Option(help="Base channel width.", min=4)] = 16,
+    mults: Annotated[str, typer.Option(help="Channel multipliers per level, comma-separated.")] = "1,2,2",
+    blocks: Annotated[int, typer.Option(help="Residual blocks per level.", min=1)] = 1,
+    attn: Annotated[str, typer.Option(help="Levels with self-attention, comma-separated (0 = full res).")] = "",
+    patch: Annotated[int, typer.Option(help="Patch size M.", min=8)] = 64,
+    mpp_min: Annotated[float, typer.Option(help="Lowest trained µm/px.")] = 0.25,
+    mpp_max: Annotated[float, typer.Option(help="Highest trained µm/px.")] = 256.0,
+    final_mpp: Annotated[float, typer.Option(help="Default final µm/px.")] = 1.0,
+    recommended_size: Annotated[int, typer.Option(help="Default output size.")] = 512,
+    steps: Annotated[int, typer.Option(help="Default steps N.", min=2)] = 40,
+    guided_steps: Annotated[int, typer.Option(help="Default guided steps r.", min=0)] = 28,
+    seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the config as JSON.")] = False,
+):
+    """Create an untrained UNet checkpoint (for tests and speed measurements)."""
+    from . import checkpoint
+    from .errors import UsageError
+
+    if output.exists() and not overwrite:
+        raise WsigenError(f"output {output} exists; pass --overwrite to replace it")
+    try:
+        m = tuple(int(v) for v in mults.split(",") if v.strip())
+        a = tuple(int(v) for v in attn.split(",") if v.strip())
+    except ValueError:
+        raise UsageError("--mults and --attn take comma-separated integers") from None
+    sha = checkpoint.init_model(output, {"width": width, "mults": list(m), "blocks": blocks,
+                                         "attn_levels": list(a)}, seed=seed, patch=patch,
+                                mpp_range=[mpp_min, mpp_max], final_mpp=final_mpp,
+                                recommended_size=recommended_size, steps=steps, guided_steps=guided_steps)
+    cfg = checkpoint.read_config(output)
+    _emit({"output": str(output), "sha256": sha, "config": cfg}, as_json,
+          f"wrote {output} (sha256 {sha[:12]}…, patch {patch}, width {width}, mults {mults})")
+
+
+@model_app.command("info")
+@command()
+def model_info(
+    model: Annotated[str, typer.Argument(help="Checkpoint file, training folder or built-in name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+):
+    """Print a checkpoint's configuration."""
+    from . import checkpoint
+
+    lm = checkpoint.load_model(model)
+    params = sum(p.numel() for p in lm.denoiser.parameters())
+    d = {"model": model, "sha256": lm.sha256, "parameters": params, "config": lm.config}
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"model      {model}\nsha256     {lm.sha256}\nparameters {params:,}")
+    for k, v in lm.config.items():
+        typer.echo(f"{k:<17}{json.dumps(v)}")
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for mod in pkgutil.iter_modules(commands.__path__):
+        m = importlib.import_module(f"{commands.__name__}.{mod.name}")
+        if hasattr(m, "register"):
+            m.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,24 @@
+"""Fault injection for crash tests (design.md §6): kill this process at a chosen point.
+
+``WSIGEN_FAULT=NAME:N`` makes the N-th call of ``point(NAME, …)`` (counting from 1) send SIGKILL
+to the process itself. Unset, ``point`` costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_counts: dict[str, int] = {}
+
+
+def point(name: str, *detail) -> None:
+    spec = os.environ.get("WSIGEN_FAULT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
