@@ -227,4 +227,9 @@ def init_model(path: str | os.PathLike, arch: dict | None = None, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_denoiser(cfg)
+        # Layers that training starts from zero would make an untrained F ≡ 0, a pixel-wise
+        # denoiser that cannot show batch, seam or boundary effects: give them small weights.
+        for name, p in net.named_parameters():
+            if name.endswith("weight") and p.dim() > 1 and not p.detach().any():
+                torch.nn.init.normal_(p, std=0.05 / p[0].numel() ** 0.5)
     return save_checkpoint(path, net, cfg)

@@ -70,7 +70,7 @@ def row_span(starts: list[int], patch: int, height: int) -> tuple[int, int]:
     """Canvas rows covered by consecutive patch rows with the given starts."""
     if not starts:
         return 0, 0
-    return max(starts[0], 0), min(starts[-1] + patch, height)
+    return max(min(starts), 0), min(max(starts) + patch, height)
 
 
 def batches(cols: list[int], batch: int) -> Iterator[list[int]]:
