@@ -17,6 +17,7 @@ from .store import SlideStore
 CONFIG_KEYS = ("width", "height", "mpp", "model", "patch", "seed", "steps", "guided_steps", "solver",
                "batch", "precision", "grid_shift", "skip_background", "background_tolerance",
                "sigma_min", "sigma_max", "rho", "device_type", "threads")
+DEFAULT_BG_TOLERANCE = 4.0  # grey levels
 KEY_KEYS = tuple(k for k in CONFIG_KEYS if k != "model") + ("model_sha256",)
 
 
@@ -94,8 +95,8 @@ def build_config(model: checkpoint.LoadedModel, model_spec: str, requested: dict
         "solver": requested.get("solver") or "heun", "batch": requested.get("batch") or 8,
         "precision": requested.get("precision") or "fp32",
         "grid_shift": requested.get("grid_shift", True) is not False,
-        "skip_background": bool(requested.get("skip_background") or False),
-        "background_tolerance": float(requested.get("background_tolerance") or 0.0),
+        "skip_background": requested.get("skip_background", True) is not False,
+        "background_tolerance": float(requested.get("background_tolerance", DEFAULT_BG_TOLERANCE)),
         "sigma_min": mc["sigma_min"], "sigma_max": mc["sigma_max"], "rho": mc["rho"],
         "device_type": device.type, "threads": threads if device.type == "cpu" else None,
     }
@@ -199,6 +200,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         "guided_steps": cfg["guided_steps"], "device": dev.type,
         "evaluations": topo.all_sum(stats["evaluations"]), "patches": topo.all_sum(stats["patches"]),
         "skipped": topo.all_sum(stats["skipped"]), "wall_s": round(wall, 3), "version": __version__,
+        "skip_background": cfg["skip_background"],
     }
 
 

@@ -195,6 +195,25 @@ class _Batch:
                 self.band.data.device)
 
 
+class GlassMap:
+    """Which guide pixels are background glass, with O(1) queries for any patch (summed-area table)."""
+
+    def __init__(self, guide: GuideBand, background_u8: tuple[int, int, int], tolerance: float):
+        b = np.asarray(background_u8, dtype=np.int16).reshape(3, 1, 1)
+        tissue = (np.abs(guide.data.astype(np.int16) - b) > tolerance).any(axis=0)
+        sat = np.zeros((tissue.shape[0] + 1, tissue.shape[1] + 1), dtype=np.int64)
+        sat[1:, 1:] = tissue.cumsum(0).cumsum(1)
+        self.sat, self.y0 = sat, guide.y0
+
+    def is_glass(self, p: Patch, ctx: StageContext) -> bool:
+        """True when every guide pixel under the patch's valid region is glass (padding is glass)."""
+        k = ctx.k
+        ya, yb, xa, xb = p.valid(ctx.height, ctx.width)
+        a, b, c, d = ya // k - self.y0, yb // k - self.y0, xa // k, xb // k
+        s = self.sat
+        return int(s[b, d] - s[a, d] - s[b, c] + s[a, c]) == 0
+
+
 def diffuse(
     ctx: StageContext,
     band: Band,
@@ -211,40 +230,60 @@ def diffuse(
     ``pick_rows`` chooses (all by default), ``regroup`` makes the band hold their rows, and each
     row is cut into batches of ``settings.batch`` patches left to right (fixed composition,
     design.md §6), each advanced by one guided Heun/Euler step and written back in place.
+    With background skipping, patches whose guide is glass everywhere skip the network: their
+    denoiser output is taken to be A†y, so the ODE still advances consistently.
     """
     s = ctx.settings
     t = edm.karras_sigmas(s.schedule())
     r, m, k = s.guided_steps, ctx.patch, ctx.k
     heun = s.solver == "heun"
     mpp = torch.tensor([ctx.mpp], dtype=torch.float32, device=ctx.device)
+    glass = None
+    if s.skip_background and guide is not None and ctx.guided:
+        bg_u8 = tuple(int(round((v + 1) * 127.5)) for v in ctx.background)
+        glass = GlassMap(guide, bg_u8, s.background_tolerance)
     for i in range(start_step, s.steps):
         rows, cols = ctx.grid(i)
         mine = pick_rows(rows) if pick_rows else rows
         band = regroup(band, *gridshift.row_span(mine, m, ctx.height))
-        guided = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
+        project_now = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
         for y0 in mine:
-            for xs in gridshift.batches(cols, s.batch):
-                batch = _Batch(ctx, i, [Patch(y0, x0, m) for x0 in xs], band, guide if guided else None)
-
-                def denoise(x, sigma, batch=batch):
-                    with torch.no_grad(), _autocast(ctx):
-                        u = ctx.denoiser(x, torch.tensor([sigma], device=ctx.device), mpp).float()
-                    if batch.y is not None:
-                        from .guidance import project
-
-                        u = project(u, batch.y, k)
-                    return u
-
-                x = batch.gather(t[i])
-                x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=batch.reset)
-                batch.scatter(x)
-                ctx.stats["evaluations"] += n_eval * len(xs)
-                ctx.stats["patches"] += len(xs)
-                if on_patches:
-                    on_patches(i, len(xs))
+            patches = [Patch(y0, x0, m) for x0 in cols]
+            skip = [p for p in patches if glass.is_glass(p, ctx)] if glass else []
+            active = [p for p in patches if p not in skip] if skip else patches
+            for group in gridshift.batches(active, s.batch):
+                _advance(ctx, i, t, group, band, guide, project_now, heun, mpp, use_net=True)
+            if skip:
+                _advance(ctx, i, t, skip, band, guide, project_now, heun, mpp, use_net=False)
+                ctx.stats["skipped"] += len(skip)
+            if on_patches:
+                on_patches(i, len(patches))
         if on_step:
             band = on_step(i, band) or band
     return band
+
+
+def _advance(ctx: StageContext, i: int, t: list[float], patches: list[Patch], band: Band,
+             guide: GuideBand | None, project_now: bool, heun: bool, mpp: torch.Tensor,
+             use_net: bool) -> None:
+    """One solver step for a batch of patches of one row, written back in place."""
+    from .guidance import pinv, project
+
+    batch = _Batch(ctx, i, patches, band, guide if (project_now or not use_net) else None)
+
+    def denoise(x, sigma):
+        if not use_net:  # glass: the pseudo-inverse of the guide, no network
+            return pinv(batch.y, ctx.k).expand_as(x)
+        with torch.no_grad(), _autocast(ctx):
+            u = ctx.denoiser(x, torch.tensor([sigma], device=ctx.device), mpp).float()
+        return project(u, batch.y, ctx.k) if batch.y is not None else u
+
+    x = batch.gather(t[i])
+    x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=batch.reset)
+    batch.scatter(x)
+    if use_net:
+        ctx.stats["evaluations"] += n_eval * len(patches)
+    ctx.stats["patches"] += len(patches)
 
 
 def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu") -> Band:

@@ -84,6 +84,12 @@ def _sample_hint(kw) -> str:
     return f"the store is resumable: wsigen sample --resume -o {kw.get('output')}"
 
 
+def _skip_note(s: dict) -> str:
+    if not s.get("skipped"):
+        return ""
+    return f" ({s['skipped'] / max(s['patches'], 1):.0%} of patch steps skipped as glass)"
+
+
 def _emit(summary: dict, as_json: bool, line: str) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -111,6 +117,8 @@ def sample(
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
     grid_shift: Annotated[bool, typer.Option("--grid-shift/--no-grid-shift", help="Shift the patch grid every step (off: fixed grid, for ablations).")] = True,
+    skip_background: Annotated[bool, typer.Option("--skip-background/--no-skip-background", help="Skip the network in patches whose guide is glass everywhere.")] = True,
+    background_tolerance: Annotated[float | None, typer.Option(help="Grey levels a guide pixel may differ from the glass colour and still count as glass [default: 4].", min=0)] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Save the mid-stage state every K steps (0: never) [default: N/4 for stages ≥ 4096²].", min=0)] = None,
     allow_extrapolation: Annotated[bool, typer.Option(help="Allow µm/px outside the model's trained range.")] = False,
     drop_stages: Annotated[bool, typer.Option(help="Remove the intermediate stages at the end.")] = False,
@@ -125,11 +133,14 @@ def sample(
     bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
     s = api.sample(output, size, model=model, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps,
                    solver=solver, batch=batch, device=device, patch=patch, precision=precision,
-                   grid_shift=None if grid_shift else False, threads=threads, overwrite=overwrite,
+                   grid_shift=None if grid_shift else False, threads=threads,
+                   skip_background=None if skip_background else False,
+                   background_tolerance=background_tolerance, overwrite=overwrite,
                    resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
                    checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None)
     _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px, {s['stages']} stages "
-          f"(s_0 = {s['s0']:g} µm/px), {s['evaluations']:,} denoiser evaluations in {s['wall_s']:.1f} s "
+          f"(s_0 = {s['s0']:g} µm/px), {s['evaluations']:,} denoiser evaluations"
+          f"{_skip_note(s)} in {s['wall_s']:.1f} s "
           f"→ {s['output']}")
 
 
