@@ -204,8 +204,34 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
     }
 
 
-def describe_plan(width: int, height: int, patch: int, k: int, mpp: float, steps: int, solver: str) -> dict:
-    """Stages, canvases, µm/px and patch-diffusion counts without running anything."""
-    plans = cascade.plan_stages(width, height, patch, k, mpp)
-    return {"L": len(plans) - 1, "s0": plans[0].mpp,
-            "stages": [{"index": p.index, "height": p.height, "width": p.width, "mpp": p.mpp} for p in plans]}
+def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
+         steps: int | None = None, solver: str = "heun", batch: int = 8, seed: int = 0,
+         world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
+         throughput: float | None = None, measure_seconds: float = 3.0) -> dict:
+    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
+    from . import planning
+
+    if world < 1:
+        raise UsageError(f"process count must be at least 1 (got {world})")
+    lm = checkpoint.load_model(model, patch=patch)
+    mc = lm.config
+    w, h = parse_size(size or mc["recommended_size"])
+    mpp = float(mpp or mc["final_mpp"])
+    n = steps or mc["steps"]
+    c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, heun=solver == "heun")
+    plans = cascade.plan_stages(w, h, lm.patch, mc["k"], mpp)
+    params = sum(p.numel() for p in lm.denoiser.parameters())
+    out = {"width": w, "height": h, "mpp": mpp, "model": model, "patch": lm.patch, "steps": n,
+           "solver": solver, "processes": world, **c,
+           "memory_per_process": planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch,
+                                                          mc["k"], world, batch, params),
+           "disk": planning.disk_bytes(plans, w, h)}
+    if measure:
+        dev = resolve_device(device)
+        throughput = planning.measure_throughput(lm.denoiser.to(dev), lm.patch, batch, dev, precision,
+                                                 seconds=measure_seconds, mpp=mpp)
+        out["measured_on"] = dev.type
+    if throughput:
+        out["throughput_per_process"] = throughput
+        out["estimated_seconds"] = c["evaluations"] / (throughput * world)
+    return out
