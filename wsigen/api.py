@@ -11,7 +11,8 @@ import torch
 from . import __version__, cascade, checkpoint, sampler
 from .cascade import Settings
 from .errors import UsageError, WsigenError
-from .store import SlideStore
+from .export import export  # noqa: F401  (re-exported: wsigen.export)
+from .store import SlideStore, info  # noqa: F401  (info re-exported: wsigen.info)
 
 # Options that form a slide's configuration (stored in the store; --resume reuses them).
 CONFIG_KEYS = ("width", "height", "mpp", "model", "patch", "seed", "steps", "guided_steps", "solver",
@@ -120,6 +121,29 @@ def _merge_resume(stored: dict, requested: dict) -> dict:
     return dict(stored)
 
 
+def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store) -> None:
+    """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides)."""
+    from . import preflight
+
+    error = None
+    if topo.rank == 0:
+        needs = preflight.estimate(
+            plans, lm.patch, lm.config["k"], settings.batch,
+            sum(p.numel() for p in lm.denoiser.parameters()), world=topo.world,
+            processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
+            checkpoint=checkpoint_every > 0, device_type=dev.type,
+            on_disk=store.disk_bytes() if store is not None else 0)
+        try:
+            preflight.check(needs, out)
+        except WsigenError as e:
+            error = e
+    failed = topo.broadcast([int(error is not None)])[0] if topo.world > 1 else error is not None
+    if error is not None:
+        raise error
+    if failed:
+        raise WsigenError("pre-flight check failed on rank 0 (see its message)")
+
+
 def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: float | None = None,
            seed: int | None = None, steps: int | None = None, guided_steps: int | None = None,
            solver: str | None = None, batch: int | None = None, device: str = "auto",
@@ -128,8 +152,11 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
            threads: int | None = None, overwrite: bool = False, resume: bool = False,
            allow_extrapolation: bool = False, drop_stages: bool = False,
            checkpoint_every: int | None = None, progress: sampler.Progress | None = None,
-           topology: sampler.Topology | None = None, log=None) -> dict:
-    """Sample one synthetic slide into the zarr store ``out``; returns a summary dict."""
+           topology: sampler.Topology | None = None, log=None, source: dict | None = None) -> dict:
+    """Sample one synthetic slide into the zarr store ``out``; returns a summary dict.
+
+    ``source`` (from ``wsigen.upscale``) makes an existing image stage 0 instead of sampling it.
+    """
     t_start = time.perf_counter()
     requested = {k: v for k, v in dict(
         size=size, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps, solver=solver,
@@ -159,16 +186,28 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         spec = model or "default"
         lm = checkpoint.load_model(spec, patch=patch)
         cfg = build_config(lm, spec, requested, dev)
+        if source:
+            cfg.update(source)
         store = None
     if dev.type == "cpu" and cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     settings = settings_of(cfg)
-    plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, lm.config["k"], cfg["mpp"])
-    check_mpp_range(plans, lm.config, allow_extrapolation)
+    if cfg.get("input"):
+        from . import upscaling as up
+
+        plans = up.plans_for(cfg, lm.config["k"])
+        up.check_range(plans, lm.config, allow_extrapolation)
+    else:
+        plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, lm.config["k"], cfg["mpp"])
+        check_mpp_range(plans, lm.config, allow_extrapolation)
     if log and topo.rank == 0:
         log(f"{cfg['width']}x{cfg['height']} px at {cfg['mpp']:g} µm/px: L = {len(plans) - 1}, "
             f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
             f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
+    if checkpoint_every is None:
+        big = plans[-1].height * plans[-1].width >= 4096 * 4096
+        checkpoint_every = max(1, settings.steps // 4) if big else 0
+    _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store)
     lm.denoiser.to(dev)
     if store is None:
         info = {"torch_version": torch.__version__, "config": cfg, "seed": cfg["seed"],
@@ -183,9 +222,11 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         topo.barrier()
         if store is None:
             store = SlideStore.open(out, mode="r+")
-    if checkpoint_every is None:
-        big = plans[-1].height * plans[-1].width >= 4096 * 4096
-        checkpoint_every = max(1, settings.steps // 4) if big else 0
+    if cfg.get("input") and topo.rank == 0 and not store.stage_complete(0):
+        from . import upscaling as up
+
+        up.write_input(store, cfg)
+    topo.barrier()
     stats = sampler.run(store, lm, plans, settings, cfg["seed"], dev, (cfg["height"], cfg["width"]),
                         topo=topo, progress=progress, checkpoint_every=checkpoint_every)
     if topo.rank == 0:
@@ -235,3 +276,10 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
         out["throughput_per_process"] = throughput
         out["estimated_seconds"] = c["evaluations"] / (throughput * world)
     return out
+
+
+def upscale(input, out, **options) -> dict:
+    """Super-resolve an image or slide region (see ``wsigen.upscaling.upscale``)."""
+    from .upscaling import upscale as run_upscale
+
+    return run_upscale(input, out, **options)

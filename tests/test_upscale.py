@@ -1,0 +1,146 @@
+"""wsigen upscale: input as stage 0, exact guide consistency with r = N, inputs of every kind, refusals."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+import tifffile
+from typer.testing import CliRunner
+
+from wsigen import api
+from wsigen.cli import app
+from wsigen.store import SlideStore
+
+SVS = Path(__file__).parent / "data" / "cmu_small_region.svs"
+
+
+def _png(path, a):
+    pyvips.Image.new_from_array(a).write_to_file(str(path))
+    return path
+
+
+def _tissue(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(90, 200, (h, w, 3)).astype(np.uint8)
+
+
+def _pool(a, f):
+    c, h, w = a.shape
+    return a.reshape(c, h // f, f, w // f, f).astype(np.float64).mean(axis=(2, 4))
+
+
+def test_full_projection_output_pools_to_input(tmp_path):
+    src = _tissue(24, 40)
+    inp = _png(tmp_path / "in.png", src)
+    s = api.upscale(inp, tmp_path / "up.zarr", factor=4, mpp=2.0, model="gaussian", patch=32,
+                    steps=12, guided_steps=12, device="cpu")
+    assert (s["width"], s["height"], s["mpp"], s["L"]) == (160, 96, 0.5, 2)
+    store = SlideStore.open(tmp_path / "up.zarr")
+    assert store.complete
+    out = store.read_rows(2, 0, 96)
+    assert out.shape == (3, 96, 160)
+    # each stage pools exactly to the one before (uint8 rounding of ≤ 0.5 per stage only)
+    assert np.array_equal(store.read_rows(0, 0, 24), src.transpose(2, 0, 1))
+    # Clipping to [0, 255] breaks the equality; compare blocks with no clipped pixel at any stage.
+    s1 = store.read_rows(1, 0, 48)
+
+    def unclipped(a, f):
+        c, h, w = a.shape
+        b = a.reshape(c, h // f, f, w // f, f)
+        return (b.min(axis=(2, 4)) > 0) & (b.max(axis=(2, 4)) < 255)
+
+    ok = unclipped(out, 4) & unclipped(s1, 2)
+    assert ok.mean() > 0.5
+    assert np.abs(_pool(s1, 2) - src.transpose(2, 0, 1))[ok].max() <= 0.5 + 1e-9
+    assert np.abs(_pool(out, 4) - src.transpose(2, 0, 1))[ok].max() <= 1.0 + 1e-9
+    cfg = store.info["config"]
+    assert cfg["input"]["file"] == "in.png"
+    assert cfg["input"]["sha256"] == hashlib.sha256(inp.read_bytes()).hexdigest()
+    assert store.info["mpp_per_stage"] == [2.0, 1.0, 0.5]
+
+
+def test_without_projection_detail_departs_from_input(tmp_path):
+    inp = _png(tmp_path / "in.png", _tissue(16, 16))
+    api.upscale(inp, tmp_path / "up.zarr", factor=2, mpp=2.0, model="gaussian", patch=32, steps=6,
+                guided_steps=0, device="cpu")
+    out = SlideStore.open(tmp_path / "up.zarr").read_rows(1, 0, 32)
+    assert np.abs(_pool(out, 2) - _tissue(16, 16).transpose(2, 0, 1)).mean() > 5
+
+
+def test_target_mpp_and_svs_region(tmp_path):
+    s = api.upscale(SVS, tmp_path / "svs.zarr", target_mpp=0.499 / 2, region="1000,1200,40,24",
+                    model="gaussian", patch=32, steps=4, guided_steps=4, device="cpu",
+                    allow_extrapolation=True)
+    assert (s["width"], s["height"]) == (80, 48) and abs(s["mpp"] - 0.2495) < 1e-3
+    from wsigen.readers import open_image
+
+    with open_image(SVS) as slide:
+        ref = slide.read_region(1000, 1200, 40, 24)
+    stage0 = SlideStore.open(tmp_path / "svs.zarr").read_rows(0, 0, 24)
+    assert np.array_equal(stage0, ref.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("kind", ["rgba", "grey", "uint16"])
+def test_input_kinds_become_rgb(tmp_path, kind):
+    base = _tissue(16, 24)
+    if kind == "rgba":
+        a = np.concatenate([base, np.full((16, 24, 1), 255, np.uint8)], axis=2)
+        a[:4, :4, 3] = 0  # transparent corner → flattened over white
+        path = _png(tmp_path / "in.png", a)
+    elif kind == "grey":
+        a = base[:, :, 0]
+        path = _png(tmp_path / "in.png", a)
+    else:
+        a = base.astype(np.uint16) * 257
+        path = tmp_path / "in.tif"
+        tifffile.imwrite(path, a, photometric="rgb")
+    api.upscale(path, tmp_path / "up.zarr", factor=2, mpp=1.0, model="gaussian", patch=32,
+                steps=4, device="cpu")
+    s0 = SlideStore.open(tmp_path / "up.zarr").read_rows(0, 0, 16).transpose(1, 2, 0)
+    if kind == "rgba":
+        assert (s0[:4, :4] == 255).all() and np.array_equal(s0[8:, 8:], base[8:, 8:])
+    elif kind == "grey":
+        assert np.array_equal(s0, np.repeat(base[:, :, :1], 3, axis=2))
+    else:
+        assert np.array_equal(s0, base)
+
+
+def _cli(*args):
+    r = CliRunner().invoke(app, ["upscale", *[str(a) for a in args]])
+    assert "Traceback" not in r.output
+    return r
+
+
+def test_cli_refusals(tmp_path, tiny_model):
+    inp = _png(tmp_path / "in.png", _tissue(16, 16))
+    out = tmp_path / "o.zarr"
+    r = _cli(inp, "--mpp", "400", "--model", tiny_model, "-o", out)  # coarser than 256 µm/px
+    assert r.exit_code == 1 and "400" in r.stderr and "256" in r.stderr
+    r = _cli(inp, "--mpp", "1", "--factor", "8", "--model", tiny_model, "-o", out)  # 0.125 < 0.25
+    assert r.exit_code == 1 and "0.125" in r.stderr
+    r = _cli(inp, "--mpp", "1", "--factor", "3", "--model", "gaussian", "--patch", "32", "-o", out)
+    assert r.exit_code == 2 and "power of 2" in r.stderr
+    r = _cli(inp, "--model", "gaussian", "--patch", "32", "-o", out)  # PNG without µm/px
+    assert r.exit_code == 1 and "--mpp" in r.stderr
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a tiff")
+    r = _cli(bad, "--mpp", "1", "--model", "gaussian", "--patch", "32", "-o", out)
+    assert r.exit_code == 1
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    r = _cli(empty, "--mpp", "1", "--model", "gaussian", "--patch", "32", "-o", out)
+    assert r.exit_code == 1 and "empty" in r.stderr
+    r = _cli(inp, "--mpp", "1", "--region", "10,10,20,20", "--model", "gaussian", "--patch", "32", "-o", out)
+    assert r.exit_code == 1 and "outside" in r.stderr
+    assert not out.exists()
+
+
+def test_cli_json(tmp_path):
+    inp = _png(tmp_path / "in.png", _tissue(16, 16))
+    r = _cli(inp, "--mpp", "1", "--factor", "2", "--model", "gaussian", "--patch", "32", "--steps", "3",
+             "-o", tmp_path / "o.zarr", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["width"] == 32

@@ -1,0 +1,141 @@
+"""Super-resolve an existing image: it becomes stage 0, and the guided stages add detail.
+
+The input (any image or slide region the readers open) is stored as ``stages/0`` together with its
+file name and sha256; stages 1 … L run exactly as in ``sample`` after its first stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cascade import StagePlan
+from .errors import UsageError, WsigenError
+
+ROWS_PER_READ = 512
+
+
+@dataclass
+class Source:
+    """The input region: file, level, level-0 region (x, y, w, h) and µm/px of the read pixels."""
+
+    path: Path
+    region: tuple[int, int, int, int]
+    level: int
+    width: int  # pixels as read (at ``level``)
+    height: int
+    mpp: float
+    sha256: str
+    mpp_given: float | None = None
+
+    def describe(self) -> dict:
+        return {"file": self.path.name, "path": str(self.path.absolute()), "sha256": self.sha256,
+                "region": list(self.region), "level": self.level, "width": self.width,
+                "height": self.height, "mpp": self.mpp, "mpp_given": self.mpp_given}
+
+
+def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--region takes x,y,w,h in level-0 pixels (got {text!r})") from None
+    if w < 1 or h < 1 or x < 0 or y < 0:
+        raise UsageError(f"--region must have x, y ≥ 0 and w, h ≥ 1 (got {text!r})")
+    return x, y, w, h
+
+
+def open_source(path, mpp: float | None = None, region=None, level: int = 0) -> Source:
+    from .readers import open_image
+
+    if mpp is not None and not mpp > 0:
+        raise UsageError(f"--mpp must be positive (got {mpp:g})")
+    with open_image(path, mpp=mpp) as slide:
+        if not 0 <= level < len(slide.levels):
+            raise WsigenError(f"{path}: level {level} does not exist ({len(slide.levels)} levels)")
+        x, y, w, h = region or (0, 0, slide.width, slide.height)
+        if x + w > slide.width or y + h > slide.height:
+            raise WsigenError(f"--region {x},{y},{w},{h} reaches outside the image "
+                              f"({slide.width}x{slide.height} at level 0)")
+        d = slide.levels[level][2]
+        lw, lh = max(1, round(w / d)), max(1, round(h / d))
+        return Source(Path(path), (x, y, w, h), level, lw, lh, slide.mpp * d, slide.sha256(), mpp)
+
+
+def factor_from(source: Source, k: int, factor: int | None, target_mpp: float | None) -> int:
+    """L such that the output is k^L times the input; the factor must be a power of k."""
+    if factor is not None and target_mpp is not None:
+        raise UsageError("give --factor or --target-mpp, not both")
+    if target_mpp is not None:
+        if not target_mpp > 0:
+            raise UsageError(f"--target-mpp must be positive (got {target_mpp:g})")
+        f = source.mpp / target_mpp
+    else:
+        f = factor if factor is not None else k
+    if f < 1:
+        raise UsageError(f"the factor must be at least 1 (got {f:g})")
+    L = round(math.log(f, k))
+    if abs(k**L - f) > 1e-6 * f:
+        raise UsageError(f"the factor must be a power of {k} (got {f:g}; nearest: "
+                         f"{k ** math.floor(math.log(f, k))} or {k ** math.ceil(math.log(f, k))})")
+    return L
+
+
+def plans_for(cfg: dict, k: int) -> list[StagePlan]:
+    inp = cfg["input"]
+    L = cfg["upscale_stages"]
+    return [StagePlan(l, inp["height"] * k**l, inp["width"] * k**l, inp["mpp"] / k**l) for l in range(L + 1)]
+
+
+def check_range(plans: list[StagePlan], model_cfg: dict, allow_extrapolation: bool) -> None:
+    lo, hi = model_cfg["mpp_range"]
+    if allow_extrapolation:
+        return
+    if plans[0].mpp > hi:
+        raise WsigenError(f"the input's {plans[0].mpp:g} µm/px is coarser than the model's trained range "
+                          f"{lo:g}–{hi:g} µm/px; pass --allow-extrapolation to try anyway")
+    if plans[-1].mpp < lo:
+        raise WsigenError(f"the target {plans[-1].mpp:g} µm/px is finer than the model's trained range "
+                          f"{lo:g}–{hi:g} µm/px; use a smaller --factor or pass --allow-extrapolation")
+
+
+def write_input(store, cfg: dict) -> None:
+    """Read the input region band by band and store it as stage 0 (then mark stage 0 complete)."""
+    from .readers import open_image
+
+    inp = cfg["input"]
+    path = Path(inp["path"])
+    with open_image(path, mpp=inp["mpp_given"], require_mpp=False) as slide:
+        if slide.sha256() != inp["sha256"]:
+            raise WsigenError(f"{path} has changed since the store was started (sha256 differs)")
+        x, y, w, h = inp["region"]
+        d = slide.levels[inp["level"]][2]
+        arr = store.stage_array(0)
+        rows = max(arr.chunks[1], ROWS_PER_READ // arr.chunks[1] * arr.chunks[1])
+        for r0 in range(0, inp["height"], rows):
+            r1 = min(r0 + rows, inp["height"])
+            px = slide.read_region(x, y + round(r0 * d), inp["width"], r1 - r0, level=inp["level"])
+            store.write_rows(0, r0, np.ascontiguousarray(px.transpose(2, 0, 1)))
+    store.mark_stage_complete(0)
+
+
+def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | None = None,
+            target_mpp: float | None = None, mpp: float | None = None, region=None, level: int = 0,
+            model: str | None = None, resume: bool = False, **options) -> dict:
+    """Add detail to an existing image stage by stage; writes the same store as ``sample``."""
+    from . import api, checkpoint
+
+    if resume:
+        return api.sample(out, resume=True, model=model, **options)
+    src = open_source(input, mpp=mpp, region=parse_region(region) if isinstance(region, str) else region,
+                      level=level)
+    lm = checkpoint.load_model(model or "default", patch=options.get("patch"))
+    L = factor_from(src, lm.config["k"], factor, target_mpp)
+    f = lm.config["k"] ** L
+    return api.sample(out, (src.width * f, src.height * f), model=model, mpp=src.mpp / f,
+                      source={"input": src.describe(), "upscale_stages": L}, **options)
