@@ -6,7 +6,7 @@ import torch
 
 from wsigen import api
 from wsigen.canvas import Band, GuideBand, from_uint8, to_uint8
-from wsigen.cascade import Settings, StageContext, _Batch, diffuse, initial_band, plan_stages
+from wsigen.cascade import Settings, StageContext, _Segment, diffuse, initial_band, plan_stages
 from wsigen.checkpoint import load_model
 from wsigen.guidance import avgpool
 from wsigen.gridshift import Patch
@@ -70,23 +70,38 @@ def test_no_projection_ignores_guide(denoiser):
     assert (avgpool(out[None], 2)[0] - from_uint8(guide.data)).abs().mean() > 0.05
 
 
-def test_padding_is_not_state():
+@pytest.mark.parametrize("y0,xs", [(-8, [-16, 16]), (24, [-16, 16]), (16, [16]), (-8, [0])])
+def test_padding_is_not_state(y0, xs):
     # Scatter writes only the valid region; padded pixels (made NaN here) never reach the state.
     ctx = _stage_ctx(GaussianDenoiser(), r=0, h=40, w=40)
     band = Band(40, 40, 0, 40, torch.zeros(3, 40, 40))
-    batch = _Batch(ctx, 0, [Patch(-8, -16, 32), Patch(24, 16, 32)], band, None)
-    x = batch.gather(1.0)
-    assert batch.mask is not None and (~batch.mask).any()
-    x = torch.where(batch.mask, x + 1, torch.full_like(x, float("nan")))
-    batch.scatter(x)
+    seg = _Segment(ctx, 0, y0, xs, band, None)
+    x = seg.gather(1.0)
+    assert seg.mask is not None and (~seg.mask).any()
+    x = torch.where(seg.mask, x + 1, torch.full_like(x, float("nan")))
+    seg.scatter(x)
     assert torch.isfinite(band.data).all()
     assert band.data.shape == (3, 40, 40)
-    ya, yb, xa, xb = Patch(-8, -16, 32).valid(40, 40)
-    assert (band.data[:, ya:yb, xa:xb] == 1).all()
+    for x0 in xs:
+        ya, yb, xa, xb = Patch(y0, x0, 32).valid(40, 40)
+        assert (band.data[:, ya:yb, xa:xb] == 1).all()
+    assert (band.data == 1).sum() == 3 * sum(
+        (lambda v: (v[1] - v[0]) * (v[3] - v[2]))(Patch(y0, x0, 32).valid(40, 40)) for x0 in xs)
     # Padding pixels at noise level t are b + t·ε.
-    x2 = batch.gather(2.0)
-    pad = ~batch.mask.expand_as(x2)
-    assert torch.allclose(x2[pad], (batch.bg + 2.0 * batch.eps).expand_as(x2)[pad])
+    x2 = seg.gather(2.0)
+    pad = ~seg.mask.expand_as(x2)
+    assert torch.allclose(x2[pad], (seg.bg + 2.0 * seg.eps).expand_as(x2)[pad])
+
+
+def test_gather_scatter_round_trip():
+    ctx = _stage_ctx(GaussianDenoiser(), r=0, h=64, w=96)
+    data = torch.randn(3, 64, 96)
+    band = Band(64, 96, 0, 64, data.clone())
+    seg = _Segment(ctx, 0, 32, [0, 32, 64], band, None)
+    x = seg.gather(1.0)
+    assert seg.mask is None and torch.equal(x[1], data[:, 32:64, 32:64])
+    seg.scatter(x * 0 + 5)
+    assert (band.data[:, 32:64] == 5).all() and torch.equal(band.data[:, :32], data[:, :32])
 
 
 def test_pixelwise_model_ignores_padding_values():

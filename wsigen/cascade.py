@@ -120,6 +120,9 @@ def stage_patch_count(ctx: StageContext, step: int) -> int:
     return len(rows) * len(cols)
 
 
+#: Patches of one row handled as one tensor (rounded up to whole batches of the network).
+SEGMENT_PATCHES = 32
+
 # Hook type: given the band and the canvas rows the next step needs, return a band holding them.
 Regroup = Callable[[Band, int, int], Band]
 RowPicker = Callable[[list[int]], list[int]]
@@ -138,61 +141,77 @@ def _autocast(ctx: StageContext):
     return torch.autocast(device_type=ctx.device.type, dtype=dtype)
 
 
-class _Batch:
-    """A batch of patches from one patch row: gathers x and y, scatters x back."""
+def to_patches(strip: torch.Tensor, m: int) -> torch.Tensor:
+    """(C, M, n·M) strip → (n, C, M, M) patches."""
+    c, _, w = strip.shape
+    return strip.reshape(c, m, w // m, m).permute(2, 0, 1, 3).contiguous()
 
-    def __init__(self, ctx: StageContext, step: int, patches: list[Patch], band: Band,
+
+def to_strip(x: torch.Tensor) -> torch.Tensor:
+    """(n, C, M, M) patches → (C, M, n·M) strip."""
+    n, c, m, _ = x.shape
+    return x.permute(1, 2, 0, 3).reshape(c, m, n * m)
+
+
+class _Segment:
+    """Consecutive patches of one patch row as one (n, 3, M, M) tensor: gather, pad, guide, scatter.
+
+    Everything but the network works on the whole segment at once (one reshape to gather, one to
+    scatter); padding is b + t·ε with ε keyed by (seed, stage, step, patch position).
+    """
+
+    def __init__(self, ctx: StageContext, step: int, y0: int, xs: list[int], band: Band,
                  guide: GuideBand | None):
-        self.ctx, self.step, self.patches, self.band = ctx, step, patches, band
-        m, k, dev = ctx.patch, ctx.k, ctx.device
-        b = torch.tensor(ctx.background, dtype=torch.float32, device=dev).reshape(1, 3, 1, 1)
-        self.bg = b
-        h, w = ctx.height, ctx.width
-        padded = [p.is_padded(h, w) for p in patches]
+        self.ctx, self.band, self.y0, self.x0 = ctx, band, y0, xs[0]
+        m, k, dev, n = ctx.patch, ctx.k, ctx.device, len(xs)
+        assert all(b - a == m for a, b in zip(xs, xs[1:], strict=False)), "a segment is contiguous"
+        self.n = n
+        self.ya, self.yb = max(y0, 0), min(y0 + m, ctx.height)
+        self.xa, self.xb = max(self.x0, 0), min(self.x0 + n * m, ctx.width)
+        self.bg = torch.tensor(ctx.background, dtype=torch.float32, device=dev).reshape(1, 3, 1, 1)
         self.mask = self.eps = None
+        padded = [not (y0 >= 0 and y0 + m <= ctx.height and x0 >= 0 and x0 + m <= ctx.width) for x0 in xs]
         if any(padded):
-            # Padding is not state: b + t·ε with ε keyed by (seed, stage, step, patch position).
-            eps = torch.zeros(len(patches), 3, m, m)
-            mask = torch.ones(len(patches), 1, m, m, dtype=torch.bool)
-            for j, p in enumerate(patches):
+            mask = torch.zeros(1, m, n * m, dtype=torch.bool)
+            mask[:, self.ya - y0 : self.yb - y0, self.xa - self.x0 : self.xb - self.x0] = True
+            eps = torch.zeros(n, 3, m, m)
+            for j, x0 in enumerate(xs):
                 if padded[j]:
                     eps[j] = torch.from_numpy(keys.normal((3, m, m), ctx.seed, keys.PAD_NOISE,
-                                                          ctx.stage, step, p.y0, p.x0))
-                    ya, yb, xa, xb = p.valid(h, w)
-                    mask[j] = False
-                    mask[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0] = True
-            self.eps, self.mask = eps.to(dev), mask.to(dev)
+                                                          ctx.stage, step, y0, x0))
+            self.mask, self.eps = to_patches(mask, m).to(dev), eps.to(dev)
         self.y = None
         if guide is not None:
             mk = m // k
-            y = torch.empty(len(patches), 3, mk, mk, dtype=torch.float32)
-            y[:] = b.cpu()
-            for j, p in enumerate(patches):
-                ya, yb, xa, xb = p.valid(h, w)
-                g = guide.data[:, ya // k - guide.y0 : yb // k - guide.y0, xa // k : xb // k]
-                y[j, :, (ya - p.y0) // k : (yb - p.y0) // k, (xa - p.x0) // k : (xb - p.x0) // k] = (
-                    torch.from_numpy(np.ascontiguousarray(g)).to(torch.float32) / 127.5 - 1)
-            self.y = y.to(dev)
+            g = torch.empty(3, mk, n * mk, dtype=torch.float32)
+            g[:] = self.bg.cpu().reshape(3, 1, 1)
+            src = guide.data[:, self.ya // k - guide.y0 : self.yb // k - guide.y0, self.xa // k : self.xb // k]
+            g[:, (self.ya - y0) // k : (self.yb - y0) // k, (self.xa - self.x0) // k : (self.xb - self.x0) // k] = (
+                torch.from_numpy(np.ascontiguousarray(src)).to(torch.float32) / 127.5 - 1)
+            self.y = to_patches(g, mk).to(dev)
+
+    def _window(self):
+        return (slice(None), slice(self.ya - self.y0, self.yb - self.y0),
+                slice(self.xa - self.x0, self.xb - self.x0))
 
     def gather(self, t: float) -> torch.Tensor:
-        ctx, m = self.ctx, self.ctx.patch
-        x = torch.empty(len(self.patches), 3, m, m, dtype=torch.float32, device=ctx.device)
-        for j, p in enumerate(self.patches):
-            ya, yb, xa, xb = p.valid(ctx.height, ctx.width)
-            x[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0] = self.band.rows(ya, yb)[:, :, xa:xb]
-        return self.reset(x, t)
+        m = self.ctx.patch
+        strip = torch.empty(3, m, self.n * m, dtype=torch.float32, device=self.ctx.device)
+        if self.mask is not None:
+            strip.zero_()
+        strip[self._window()] = self.band.rows(self.ya, self.yb)[:, :, self.xa : self.xb]
+        return self.reset(to_patches(strip, m), t)
 
     def reset(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Padding is not state: set it to b + t·ε for the noise level of the next evaluation."""
         if self.mask is None:
             return x
         return torch.where(self.mask, x, self.bg + t * self.eps)
 
     def scatter(self, x: torch.Tensor) -> None:
-        ctx = self.ctx
-        for j, p in enumerate(self.patches):
-            ya, yb, xa, xb = p.valid(ctx.height, ctx.width)
-            self.band.rows(ya, yb)[:, :, xa:xb] = x[j, :, ya - p.y0 : yb - p.y0, xa - p.x0 : xb - p.x0].to(
-                self.band.data.device)
+        """Write back only the valid region; whatever the step computed in the padding is discarded."""
+        rows = self.band.rows(self.ya, self.yb)
+        rows[:, :, self.xa : self.xb] = to_strip(x)[self._window()].to(rows.device)
 
 
 class GlassMap:
@@ -238,52 +257,60 @@ def diffuse(
     r, m, k = s.guided_steps, ctx.patch, ctx.k
     heun = s.solver == "heun"
     mpp = torch.tensor([ctx.mpp], dtype=torch.float32, device=ctx.device)
-    glass = None
+    glass_map = None
     if s.skip_background and guide is not None and ctx.guided:
         bg_u8 = tuple(int(round((v + 1) * 127.5)) for v in ctx.background)
-        glass = GlassMap(guide, bg_u8, s.background_tolerance)
+        glass_map = GlassMap(guide, bg_u8, s.background_tolerance)
+    seg_len = s.batch * max(1, -(-SEGMENT_PATCHES // s.batch))  # whole batches per segment
     for i in range(start_step, s.steps):
         rows, cols = ctx.grid(i)
         mine = pick_rows(rows) if pick_rows else rows
         band = regroup(band, *gridshift.row_span(mine, m, ctx.height))
         project_now = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
         for y0 in mine:
-            patches = [Patch(y0, x0, m) for x0 in cols]
-            skip = [p for p in patches if glass.is_glass(p, ctx)] if glass else []
-            active = [p for p in patches if p not in skip] if skip else patches
-            for group in gridshift.batches(active, s.batch):
-                _advance(ctx, i, t, group, band, guide, project_now, heun, mpp, use_net=True)
-            if skip:
-                _advance(ctx, i, t, skip, band, guide, project_now, heun, mpp, use_net=False)
-                ctx.stats["skipped"] += len(skip)
+            for a in range(0, len(cols), seg_len):
+                xs = cols[a : a + seg_len]
+                glass = [glass_map.is_glass(Patch(y0, x0, m), ctx) for x0 in xs] if glass_map else None
+                _advance(ctx, i, t, y0, xs, glass, band, guide, project_now, heun, mpp)
             if on_patches:
-                on_patches(i, len(patches))
+                on_patches(i, len(cols))
         if on_step:
             band = on_step(i, band) or band
     return band
 
 
-def _advance(ctx: StageContext, i: int, t: list[float], patches: list[Patch], band: Band,
-             guide: GuideBand | None, project_now: bool, heun: bool, mpp: torch.Tensor,
-             use_net: bool) -> None:
-    """One solver step for a batch of patches of one row, written back in place."""
+def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], glass: list[bool] | None,
+             band: Band, guide: GuideBand | None, project_now: bool, heun: bool,
+             mpp: torch.Tensor) -> None:
+    """One solver step for consecutive patches of one row, written back in place.
+
+    The network sees fixed batches of ``settings.batch`` non-glass patches, left to right;
+    glass patches take u = A†y without the network.
+    """
     from .guidance import pinv, project
 
-    batch = _Batch(ctx, i, patches, band, guide if (project_now or not use_net) else None)
+    glass_idx = [j for j, g in enumerate(glass) if g] if glass else []
+    active = [j for j in range(len(xs)) if not glass or not glass[j]]
+    seg = _Segment(ctx, i, y0, xs, band, guide if (project_now or glass_idx) else None)
+    b = ctx.settings.batch
+    chunks = [active[c : c + b] for c in range(0, len(active), b)]
 
     def denoise(x, sigma):
-        if not use_net:  # glass: the pseudo-inverse of the guide, no network
-            return pinv(batch.y, ctx.k).expand_as(x)
+        u = torch.empty_like(x)
         with torch.no_grad(), _autocast(ctx):
-            u = ctx.denoiser(x, torch.tensor([sigma], device=ctx.device), mpp).float()
-        return project(u, batch.y, ctx.k) if batch.y is not None else u
+            for idx in chunks:
+                sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
+                u[sel] = ctx.denoiser(x[sel], torch.tensor([sigma], device=ctx.device), mpp).float()
+        if glass_idx:
+            u[glass_idx] = pinv(seg.y[glass_idx], ctx.k)
+        return project(u, seg.y, ctx.k) if project_now else u
 
-    x = batch.gather(t[i])
-    x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=batch.reset)
-    batch.scatter(x)
-    if use_net:
-        ctx.stats["evaluations"] += n_eval * len(patches)
-    ctx.stats["patches"] += len(patches)
+    x = seg.gather(t[i])
+    x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=seg.reset)
+    seg.scatter(x)
+    ctx.stats["evaluations"] += n_eval * len(active)
+    ctx.stats["patches"] += len(xs)
+    ctx.stats["skipped"] += len(glass_idx)
 
 
 def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu") -> Band:

@@ -18,8 +18,9 @@ def avgpool(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pinv(y: torch.Tensor, k: int) -> torch.Tensor:
-    """A†: nearest-neighbour upsampling by k."""
-    return y.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    """A†: nearest-neighbour upsampling by k (a broadcast view, materialised once)."""
+    *lead, h, w = y.shape
+    return y[..., :, None, :, None].expand(*lead, h, k, w, k).reshape(*lead, h * k, w * k)
 
 
 def project(u: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:

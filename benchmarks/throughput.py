@@ -1,0 +1,52 @@
+"""Denoiser throughput: patches/s at 512² for the default architecture and a ~30 GFLOP UNet,
+per precision and batch size, on the device at hand."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import save
+from wsigen.checkpoint import build_denoiser, make_config
+from wsigen.planning import measure_throughput
+
+CONFIGS = {
+    "default-arch": {"name": "unet", "width": 32, "mults": [1, 2, 2], "blocks": 1, "attn_levels": []},
+    "unet-30gflop": {"name": "unet", "width": 64, "mults": [1, 2, 2, 4], "blocks": 2, "attn_levels": [3]},
+}
+
+
+def flops(net, patch: int, device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, patch, patch, device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x, torch.tensor([1.0], device=device), torch.tensor([1.0], device=device))
+    return fc.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--patch", type=int, default=512)
+    ap.add_argument("--batches", default=None, help="comma-separated [default: 1,4 on CPU; 1,8,32 on GPU]")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = ["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16"]
+    batches = [int(b) for b in (a.batches or ("1,8,32" if dev.type == "cuda" else "1,2")).split(",")]
+    rows = []
+    for name, arch in CONFIGS.items():
+        net = build_denoiser(make_config(arch, patch=a.patch)).to(dev).eval()
+        gf = flops(net, a.patch, dev) / 1e9
+        for prec in precisions:
+            for b in batches:
+                tp = measure_throughput(net, a.patch, b, dev, prec, seconds=a.seconds)
+                rows.append({"config": name, "gflop_per_patch": gf, "precision": prec, "batch": b,
+                             "patches_per_s": tp, "device": dev.type})
+                print(f"{name:>13} ({gf:6.1f} GFLOP/patch) {prec} batch {b:>3}: {tp:8.2f} patches/s")
+    save(f"throughput-{dev.type}", {"patch": a.patch, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
