@@ -116,6 +116,9 @@ def sample(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes sharing the work (with --device cpu: gloo); same bytes for any number.", min=1)] = None,
+    gpus: Annotated[int | None, typer.Option(help="CUDA workers, one device each (an error where there are fewer).", min=1)] = None,
+    count: Annotated[int | None, typer.Option(help="Sample K slides, seeds seed … seed+K−1, into -o DIR with a manifest.", min=1)] = None,
     grid_shift: Annotated[bool, typer.Option("--grid-shift/--no-grid-shift", help="Shift the patch grid every step (off: fixed grid, for ablations).")] = True,
     skip_background: Annotated[bool, typer.Option("--skip-background/--no-skip-background", help="Skip the network in patches whose guide is glass everywhere.")] = True,
     background_tolerance: Annotated[float | None, typer.Option(help="Grey levels a guide pixel may differ from the glass colour and still count as glass [default: 4].", min=0)] = None,
@@ -127,17 +130,22 @@ def sample(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Sample a synthetic slide into a zarr (OME-NGFF) store."""
-    from . import api
+    from . import launch
     from .progress import RichProgress
 
     bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
-    s = api.sample(output, size, model=model, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps,
-                   solver=solver, batch=batch, device=device, patch=patch, precision=precision,
+    s = launch.sample(output, size, workers=workers, gpus=gpus, count=count, model=model, mpp=mpp,
+                   seed=seed, steps=steps, guided_steps=guided_steps, solver=solver, batch=batch, device=device, patch=patch, precision=precision,
                    grid_shift=None if grid_shift else False, threads=threads,
                    skip_background=None if skip_background else False,
                    background_tolerance=background_tolerance, overwrite=overwrite,
                    resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
                    checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None)
+    if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
+        return
+    if "manifest" in s:
+        _emit(s, as_json, f"done: {s['count']} slides ({s['sampled']} sampled now) → {s['manifest']}")
+        return
     _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px, {s['stages']} stages "
           f"(s_0 = {s['s0']:g} µm/px), {s['evaluations']:,} denoiser evaluations"
           f"{_skip_note(s)} in {s['wall_s']:.1f} s "

@@ -1,7 +1,8 @@
 """Fault injection for crash tests (design.md §6): kill this process at a chosen point.
 
 ``WSIGEN_FAULT=NAME:N`` makes the N-th call of ``point(NAME, …)`` (counting from 1) send SIGKILL
-to the process itself. Unset, ``point`` costs one dictionary lookup.
+to the process itself. With ``WSIGEN_FAULT_RANK=R`` only the worker of rank R (``RANK``) counts.
+Unset, ``point`` costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ def point(name: str, *detail) -> None:
         return
     target, _, nth = spec.partition(":")
     if target != name:
+        return
+    rank = os.environ.get("WSIGEN_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] == int(nth or 1):

@@ -1,0 +1,89 @@
+"""Workers: 2 CPU worker processes (1 thread each) against 1 process with 1 thread, a small UNet,
+2048², --steps 8, through the command line as a user runs it. Goal: ≥ 1.7× on a 2-core machine.
+Also reports the rows exchanged per step next to the band size, and checks the bytes are equal.
+Other jobs on the machine distort the ratio: the load average before and after is recorded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import save
+
+WSIGEN = str(Path(sys.executable).with_name("wsigen"))
+
+
+def run(model: str, size: int, steps: int, workers: int, out: Path) -> dict:
+    cmd = [WSIGEN, "sample", "--model", model, "--size", str(size), "--steps", str(steps),
+           "--device", "cpu", "--threads", "1", "--workers", str(workers), "--no-skip-background",
+           "-o", str(out), "--json"]
+    env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return {"workers": workers, "wall_s": wall, "summary": json.loads(r.stdout)}
+
+
+def same_pixels(a: Path, b: Path) -> bool:
+    import numpy as np
+    import zarr
+
+    return bool(np.array_equal(np.asarray(zarr.open_group(str(a), mode="r")["0"][:]),
+                               np.asarray(zarr.open_group(str(b), mode="r")["0"][:])))
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--width", type=int, default=8, help="UNet base width")
+    ap.add_argument("--mults", default="1,2", help="UNet channel multipliers")
+    ap.add_argument("--patch", type=int, default=64)
+    a = ap.parse_args()
+    from wsigen.checkpoint import init_model
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        model = d / "unet.safetensors"
+        arch = {"width": a.width, "mults": [int(v) for v in a.mults.split(",")]}
+        init_model(model, arch, seed=0, patch=a.patch, steps=a.steps, guided_steps=round(a.steps * 0.7))
+        load_before = os.getloadavg()
+        one = run(str(model), a.size, a.steps, 1, d / "one.zarr")
+        two = run(str(model), a.size, a.steps, 2, d / "two.zarr")
+        load_after = os.getloadavg()
+        identical = same_pixels(d / "one.zarr", d / "two.zarr")
+    ex = two["summary"]["exchange"]
+    width = a.size
+    bound = a.patch * width * 12
+    speedup = one["wall_s"] / two["wall_s"]
+    print(f"{a.size}², {a.steps} steps, UNet width {a.width} mults {a.mults}, patch {a.patch}")
+    print(f"1 process × 1 thread : {one['wall_s']:.1f} s")
+    print(f"2 workers × 1 thread : {two['wall_s']:.1f} s  → speedup {speedup:.2f}× (goal ≥ 1.7×)")
+    print(f"exchange per step    : {mib(ex['bytes_per_step'])} over all boundaries "
+          f"(max {mib(ex['max_bytes_per_step_per_rank'])} sent by one rank; bound M·W·12 = {mib(bound)})")
+    print(f"band per rank        : {mib(ex['max_band_bytes'])} (buffer {mib(ex['max_buffer_bytes'])}); "
+          f"exchange/band = {ex['bytes_per_step'] / max(ex['max_band_bytes'], 1):.1%}")
+    print(f"identical bytes      : {identical}")
+    print(f"load average         : {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+          f"({os.cpu_count()} cores; > 0.5 means other jobs shared the machine)")
+    save("workers", {"size": a.size, "steps": a.steps, "patch": a.patch, "arch": arch,
+                     "one_process_s": one["wall_s"], "two_workers_s": two["wall_s"], "speedup": speedup,
+                     "goal": 1.7, "identical_bytes": identical, "exchange": ex,
+                     "exchange_bound_per_boundary": bound, "load_before": load_before,
+                     "load_after": load_after, "evaluations": one["summary"]["evaluations"]})
+
+
+if __name__ == "__main__":
+    main()
