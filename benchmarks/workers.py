@@ -1,7 +1,10 @@
 """Workers: 2 CPU worker processes (1 thread each) against 1 process with 1 thread, a small UNet,
 2048², --steps 8, through the command line as a user runs it. Goal: ≥ 1.7× on a 2-core machine.
-Also reports the rows exchanged per step next to the band size, and checks the bytes are equal.
-Other jobs on the machine distort the ratio: the load average before and after is recorded."""
+
+Also: bytes exchanged per step next to the band size (measured, and predicted from the keyed grid
+offsets alone, which must agree), identical bytes, and the machine's own capacity for two
+processes at the time (two independent single-thread convolution loops against one): other jobs
+on a 2-core machine cap the speedup, so the ratio speedup / capacity is reported as well."""
 
 from __future__ import annotations
 
@@ -40,6 +43,41 @@ def same_pixels(a: Path, b: Path) -> bool:
                                np.asarray(zarr.open_group(str(b), mode="r")["0"][:])))
 
 
+BURN = r"""
+import time, torch
+torch.set_num_threads(1)
+x, w = torch.randn(8, 8, 64, 64), torch.randn(16, 8, 3, 3)
+t = time.perf_counter()
+for _ in range(400):
+    torch.conv2d(x, w, padding=1)
+print(time.perf_counter() - t)
+"""
+
+
+def capacity() -> float:
+    """How many processes' worth of work two processes get done now (2.0 on an idle 2-core box)."""
+    one = float(subprocess.run([sys.executable, "-c", BURN], capture_output=True, text=True).stdout)
+    procs = [subprocess.Popen([sys.executable, "-c", BURN], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    two = max(float(p.communicate()[0]) for p in procs)
+    return 2 * one / two
+
+
+def predicted_bytes_per_step(size: int, patch: int, k: int, steps: int, seed: int,
+                             world: int) -> float:
+    from wsigen.cascade import plan_stages
+    from wsigen.distributed import step_exchange
+    from wsigen.gridshift import grid_offset
+
+    total = n = 0
+    for p in plan_stages(size, size, patch, k, 1.0):
+        n += steps
+        if p.index:  # stage 0 is one unshifted patch: one rank, nothing moves
+            offs = [grid_offset(seed, p.index, i, patch, k)[0] for i in range(steps)]
+            total += sum(e["bytes"] for e in step_exchange(p.height, p.width, patch, offs, world))
+    return total / n
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -58,29 +96,41 @@ def main() -> None:
         d = Path(d)
         model = d / "unet.safetensors"
         arch = {"width": a.width, "mults": [int(v) for v in a.mults.split(",")]}
-        init_model(model, arch, seed=0, patch=a.patch, steps=a.steps, guided_steps=round(a.steps * 0.7))
-        load_before = os.getloadavg()
+        init_model(model, arch, seed=0, patch=a.patch, steps=a.steps,
+                   guided_steps=round(a.steps * 0.7))
+        load_before, cap_before = os.getloadavg(), capacity()
         one = run(str(model), a.size, a.steps, 1, d / "one.zarr")
         two = run(str(model), a.size, a.steps, 2, d / "two.zarr")
-        load_after = os.getloadavg()
+        load_after, cap_after = os.getloadavg(), capacity()
         identical = same_pixels(d / "one.zarr", d / "two.zarr")
     ex = two["summary"]["exchange"]
     width = a.size
     bound = a.patch * width * 12
     speedup = one["wall_s"] / two["wall_s"]
+    cap = (cap_before + cap_after) / 2
+    predicted = predicted_bytes_per_step(a.size, a.patch, 2, a.steps, 0, 2)
     print(f"{a.size}², {a.steps} steps, UNet width {a.width} mults {a.mults}, patch {a.patch}")
     print(f"1 process × 1 thread : {one['wall_s']:.1f} s")
     print(f"2 workers × 1 thread : {two['wall_s']:.1f} s  → speedup {speedup:.2f}× (goal ≥ 1.7×)")
+    print(f"machine capacity     : {cap:.2f}× for 2 processes now ({cap_before:.2f} before, "
+          f"{cap_after:.2f} after; 2.00 when idle) → speedup / capacity = {speedup / cap:.0%}")
     print(f"exchange per step    : {mib(ex['bytes_per_step'])} over all boundaries "
-          f"(max {mib(ex['max_bytes_per_step_per_rank'])} sent by one rank; bound M·W·12 = {mib(bound)})")
-    print(f"band per rank        : {mib(ex['max_band_bytes'])} (buffer {mib(ex['max_buffer_bytes'])}); "
+          f"(max {mib(ex['max_bytes_per_step_per_rank'])} sent by one rank; "
+          f"bound M·W·12 = {mib(bound)})")
+    print(f"predicted exchange   : {mib(predicted)} per step from the grid offsets alone "
+          f"({'equal' if predicted == ex['bytes_per_step'] else 'DIFFERENT'})")
+    print(f"band per rank        : {mib(ex['max_band_bytes'])} "
+          f"(buffer {mib(ex['max_buffer_bytes'])}); "
           f"exchange/band = {ex['bytes_per_step'] / max(ex['max_band_bytes'], 1):.1%}")
     print(f"identical bytes      : {identical}")
     print(f"load average         : {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} cores; > 0.5 means other jobs shared the machine)")
     save("workers", {"size": a.size, "steps": a.steps, "patch": a.patch, "arch": arch,
-                     "one_process_s": one["wall_s"], "two_workers_s": two["wall_s"], "speedup": speedup,
+                     "one_process_s": one["wall_s"], "two_workers_s": two["wall_s"],
+                     "speedup": speedup,
                      "goal": 1.7, "identical_bytes": identical, "exchange": ex,
+                     "predicted_bytes_per_step": predicted, "capacity_two_processes": cap,
+                     "capacity_before_after": [cap_before, cap_after],
                      "exchange_bound_per_boundary": bound, "load_before": load_before,
                      "load_after": load_after, "evaluations": one["summary"]["evaluations"]})
 

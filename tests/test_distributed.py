@@ -43,7 +43,8 @@ def same_store(a, b) -> None:
 
 
 # -- pure index arithmetic -----------------------------------------------------------------
-@pytest.mark.parametrize("height,patch,world", [(256, 32, 2), (250, 32, 3), (64, 32, 5), (1000, 64, 4)])
+@pytest.mark.parametrize("height,patch,world",
+                         [(256, 32, 2), (250, 32, 3), (64, 32, 5), (1000, 64, 4)])
 @pytest.mark.parametrize("offset", [0, 2, 30])
 def test_rank_rows_are_disjoint_and_cover(height, patch, world, offset):
     rows = axis_starts(height, offset % patch, patch)
@@ -54,7 +55,8 @@ def test_rank_rows_are_disjoint_and_cover(height, patch, world, offset):
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
-@pytest.mark.parametrize("height,chunk,world", [(1024, 512, 2), (1000, 512, 3), (100, 512, 3), (2048, 256, 3)])
+@pytest.mark.parametrize("height,chunk,world",
+                         [(1024, 512, 2), (1000, 512, 3), (100, 512, 3), (2048, 256, 3)])
 def test_stage_rows_are_chunk_aligned(height, chunk, world):
     spans = [chunk_rows(height, chunk, r, world) for r in range(world)]
     assert spans[0][0] == 0 and spans[-1][1] == height
@@ -126,15 +128,17 @@ def test_gaussian_same_bytes_cli(tmp_path):
     args = ["sample", "--model", "gaussian", "--patch", "32", "--size", "224", "--steps", "3",
             "--device", "cpu"]
     for n in (1, 2):
-        r = runner.invoke(app, [*args, "--workers", str(n), "-o", str(tmp_path / f"{n}.zarr"), "--json"])
+        out = str(tmp_path / f"{n}.zarr")
+        r = runner.invoke(app, [*args, "--workers", str(n), "-o", out, "--json"])
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["width"] == 224
     same_store(tmp_path / "1.zarr", tmp_path / "2.zarr")
 
 
 # -- options and faults --------------------------------------------------------------------
-@pytest.mark.parametrize("args", [["--workers", "0"], ["--gpus", "0"], ["--gpus", "1", "--device", "cpu"],
-                                  ["--gpus", "2", "--workers", "3"], ["--count", "0"]])
+@pytest.mark.parametrize("args", [["--workers", "0"], ["--gpus", "0"], ["--count", "0"],
+                                  ["--gpus", "1", "--device", "cpu"],
+                                  ["--gpus", "2", "--workers", "3"]])
 def test_bad_worker_options_are_usage_errors(tmp_path, args):
     r = runner.invoke(app, ["sample", "--model", "gaussian", "--patch", "32", "--size", "64",
                             "-o", str(tmp_path / "x.zarr"), *args])
@@ -195,14 +199,26 @@ def test_count_writes_slides_and_manifest_and_resumes(tmp_path, monkeypatch):
     same_store(one, root / "slide-7.zarr")
 
 
-def test_count_split_by_band_matches(tmp_path):
+def test_count_whole_slides_then_bands_match_one_process(tmp_path):
     opts = dict(model="gaussian", patch=32, size=96, steps=3, threads=1, device="cpu", seed=1)
-    s = launch.sample(tmp_path / "b", workers=2, count=2, split="band", **opts)
-    assert (s["whole"], s["banded"]) == (0, 2)
-    t = launch.sample(tmp_path / "s", workers=1, count=2, **opts)
+    s = launch.sample(tmp_path / "w", workers=2, count=3, **opts)  # small: 2 whole, 1 in bands
+    assert (s["split"], s["whole"], s["banded"]) == ("slide", 2, 1)
+    b = launch.sample(tmp_path / "b", workers=2, count=2, split="band", **opts)
+    assert (b["whole"], b["banded"]) == (0, 2)
+    launch.sample(tmp_path / "one", workers=1, count=3, **opts)
+    for seed in (1, 2, 3):
+        same_store(tmp_path / "one" / f"slide-{seed}.zarr", tmp_path / "w" / f"slide-{seed}.zarr")
     for seed in (1, 2):
-        same_store(tmp_path / "b" / f"slide-{seed}.zarr", tmp_path / "s" / f"slide-{seed}.zarr")
-    assert t["split"] == "slide"
+        same_store(tmp_path / "one" / f"slide-{seed}.zarr", tmp_path / "b" / f"slide-{seed}.zarr")
+
+
+def test_plan_line_gives_state_bytes_per_rank():
+    line = launch.plan_line("unused", {"model": "gaussian", "patch": 64, "size": "4096",
+                                       "steps": 8}, 4, resume=False)
+    assert "4 workers" in line and "rank 3" in line
+    # a band is about H/R + M rows of W × 3 float32: (1024 + 64) × 4096 × 12 B ≈ 51 MiB
+    band = float(line.split("rank 0 ")[1].split(" MiB")[0])
+    assert 45 < band <= 51
 
 
 # -- an external launcher ------------------------------------------------------------------

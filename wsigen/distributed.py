@@ -104,7 +104,8 @@ class DistTopology(Topology):
     def _adopt(self, band: Band, y0: int, y1: int) -> None:
         """Make the buffer cover [y0, y1) and hold ``band``'s rows in place (rarely copies)."""
         same = (self._buf is not None and band.data.numel() and self._holds(band.y0, band.y1)
-                and band.data.data_ptr() == self._view(band.height, band.y0, band.y1).data.data_ptr())
+                and band.data.data_ptr()
+                == self._view(band.height, band.y0, band.y1).data.data_ptr())
         if same and self._holds(y0, y1):
             return
         old = band.data
@@ -218,7 +219,8 @@ class DistTopology(Topology):
                 "max_buffer_bytes": buf_rows * width * ROW_BYTES}
 
 
-def band_plan(height: int, width: int, patch: int, world: int, offsets: list[int]) -> list[dict]:
+def band_plan(height: int, width: int, patch: int, world: int, offsets: list[int],
+              chunk: int = 512) -> list[dict]:
     """Rows and state bytes per rank over steps with the given row offsets (pre-flight)."""
     from .gridshift import axis_starts, row_span
 
@@ -229,10 +231,39 @@ def band_plan(height: int, width: int, patch: int, world: int, offsets: list[int
             rows = axis_starts(height, o, patch)
             a, b = split_even(len(rows), world)[r]
             spans.append(row_span(rows[a:b], patch, height))
-        h0, h1 = hull(spans)
+        h0, h1 = hull([*spans, chunk_rows(height, min(chunk, max(height, width)), r, world)])
         most = max((b - a for a, b in spans), default=0)
         out.append({"rank": r, "rows": most, "band_bytes": most * width * ROW_BYTES,
                     "buffer_bytes": (h1 - h0) * width * ROW_BYTES})
+    return out
+
+
+def step_exchange(height: int, width: int, patch: int, offsets: list[int],
+                  world: int) -> list[dict]:
+    """Rows moved by the regroup before each step, predicted from the steps' row offsets alone.
+
+    Per step: total bytes over all boundaries and the most one rank sends plus receives (what
+    bounds the time when boundaries transfer in parallel). The first step moves nothing: each
+    rank starts with exactly the rows it needs.
+    """
+    from .gridshift import axis_starts, row_span
+
+    def spans(o: int) -> list[Span]:
+        rows = axis_starts(height, o, patch)
+        return [row_span(rows[a:b], patch, height) for a, b in split_even(len(rows), world)]
+
+    out, prev = [], None
+    for o in offsets:
+        cur = spans(o)
+        total, per_rank = 0, [0] * world
+        if prev is not None:
+            for p, q, (a, b) in exchange_plan(prev, cur):
+                n = (b - a) * width * ROW_BYTES
+                total += n
+                per_rank[p] += n
+                per_rank[q] += n
+        out.append({"bytes": total, "max_rank_bytes": max(per_rank)})
+        prev = cur
     return out
 
 

@@ -72,8 +72,18 @@ def _open_all(paths, role: str) -> list[readers.Slide]:
             s.close()
             raise WsigenError(f"{role} slide {p} does not record its µm/px; patches are compared at "
                               "equal µm/px, so it cannot be used (export it with its resolution)")
-        slides.append(s)
+        slides.append(_in_memory(s))
     return slides
+
+
+def _in_memory(s: readers.Slide) -> readers.Slide:
+    """Small slides are read once into memory: thousands of patch reads then cost little."""
+    if isinstance(s, StoreSlide) or s.width * s.height > 32 * 2**20:
+        return s
+    c = readers.cached(s)
+    if c is not s:
+        s.close()
+    return c
 
 
 # -- per-stage metrics (stores only) ------------------------------------------------------------
@@ -88,7 +98,8 @@ def _bands(height: int, band: int, budget_rows: int, key: list[int]) -> list[int
     return sorted(rng.choice(starts, keep, replace=False).tolist())
 
 
-def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = None) -> list[dict]:
+def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = None,
+                  band: int | None = None) -> list[dict]:
     """Seam scores (fixed grid and last step's grid) and guide PSNR for every stored stage."""
     from . import gridshift
 
@@ -96,7 +107,8 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
     cfg = info.get("config") or {}
     m = int(cfg.get("patch") or 0)
     k = int(((info.get("model") or {}).get("config") or {}).get("k", 2))
-    seed, steps, shift = int(cfg.get("seed", 0)), int(cfg.get("steps", 0)), bool(cfg.get("grid_shift", True))
+    seed, steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 0))
+    shift = bool(cfg.get("grid_shift", True))
     stages = info["stages"]
     out = []
     for st in stages:
@@ -110,9 +122,10 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
         arr = store.group[name]
         _, h, w = arr.shape
         row.update(height=h, width=w)
-        band = math.lcm(arr.chunks[1], k)
-        starts = _bands(h, band, max(band, max_pixels // max(w, 1)), [seed, 0x5EA, l])
-        row["sampled_rows"] = round(min(1.0, len(starts) * band / h), 4)
+        rows_per = math.lcm(band or arr.chunks[1], k)  # whole chunks, whole k×k pooling blocks
+        starts = _bands(h, rows_per, max(rows_per, max_pixels // max(w, 1)), [seed, 0x5EA, l])
+        row["sampled_rows"] = round(min(1.0, len(starts) * rows_per / h), 4)
+        # stage 0 is one unshifted patch; the last step is N − 1
         last = gridshift.grid_offset(seed, l, steps - 1, m, k, shift and l > 0) if m and steps else (0, 0)
         grids = {"fixed_grid": (0, 0), "last_step_grid": last}
         seams = metrics.SeamCounter(h, w, m, grids, k, levels=l) if m and l > 0 else None
@@ -120,7 +133,7 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
         guide = store.group[prev_name] if prev_name and prev_name in store.group else None
         se, n = 0.0, 0
         for j, y0 in enumerate(starts):
-            rows = np.asarray(arr[:, y0 : y0 + band, :])
+            rows = np.asarray(arr[:, y0 : y0 + rows_per, :])
             if seams is not None:
                 seams.add(rows, y0)
             if guide is not None:
@@ -162,7 +175,9 @@ class PatchSet:
         return len(self.images)
 
     def array(self) -> np.ndarray:
-        return np.stack(self.images) if self.images else np.zeros((0, self.size, self.size, 3), np.uint8)
+        if not self.images:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.stack(self.images)
 
 
 def footprint(slide: readers.Slide, mpp: float, size: int) -> float | None:
@@ -175,10 +190,12 @@ def footprint(slide: readers.Slide, mpp: float, size: int) -> float | None:
 
 def sample_patches(slides: list[readers.Slide], mpp: float, size: int, n: int, seed: int,
                    min_tissue: float = 0.5, stride: float | None = None,
-                   x_fraction: tuple[float, float] = (0.0, 1.0), max_count: int | None = None) -> PatchSet:
+                   x_ranges: list[tuple[float, float]] | None = None,
+                   max_count: int | None = None) -> PatchSet:
     """``n`` random tissue patches spread evenly over the slides, or, with ``stride`` (in
     footprints), every tissue patch on a grid: the finest of stride, 2·stride, … up to 1 that
-    gives at most ``max_count`` (then a keyed random ``max_count`` of them)."""
+    gives at most ``max_count`` (then a keyed random ``max_count`` of them). ``x_ranges`` limits
+    each slide's patches to columns [a, b) in level-0 pixels."""
     ps = PatchSet(mpp, size)
     ps.names = [Path(s.path).name if s.path else f"slide {i}" for i, s in enumerate(slides)]
     usable = [(i, s, f) for i, s in enumerate(slides) if (f := footprint(s, mpp, size))]
@@ -188,7 +205,7 @@ def sample_patches(slides: list[readers.Slide], mpp: float, size: int, n: int, s
         while True:
             plan = [(i, x, y, f) for i, s, f in usable
                     for x, y in tissue_boxes(s, f, 0, seed, min_tissue, stride=st * f,
-                                             x_range=(x_fraction[0] * s.width, x_fraction[1] * s.width))]
+                                             x_range=x_ranges[i] if x_ranges else None)]
             if max_count is None or len(plan) <= max_count or st >= 1:
                 break
             st = min(2 * st, 1.0)
@@ -198,8 +215,9 @@ def sample_patches(slides: list[readers.Slide], mpp: float, size: int, n: int, s
     else:
         for j, (i, s, f) in enumerate(usable):
             want = n // len(usable) + (1 if j < n % len(usable) else 0)
-            xr = (x_fraction[0] * s.width, x_fraction[1] * s.width)
-            plan += [(i, x, y, f) for x, y in tissue_boxes(s, f, want, seed + 7919 * i, min_tissue, x_range=xr)]
+            xr = x_ranges[i] if x_ranges else None
+            boxes = tissue_boxes(s, f, want, seed + 7919 * i, min_tissue, x_range=xr)
+            plan += [(i, x, y, f) for x, y in boxes]
     for i, x, y, f in plan:
         ps.images.append(slides[i].read_scaled(x, y, f, f, size, size))
         ps.where.append((i, x, y))
@@ -332,7 +350,11 @@ def load_feature_net(path, arch: str = "auto", input_size: int | None = None):
     state = read_state_dict(path)
     arch = detect_arch(state) if arch == "auto" else arch
     fc = state.get("fc.weight")
-    net = build_feature_net(arch, int(fc.shape[0]) if fc is not None else 1000)
+    with torch.device("meta"):  # no random initialisation: every weight that is used comes from the file
+        net = build_feature_net(arch, int(fc.shape[0]) if fc is not None else 1000)
+    net = net.to_empty(device="cpu")
+    for t in net.state_dict().values():  # heads the file lacks stay defined (zeros), never used
+        t.zero_()
     own = net.state_dict()
     trunk = [k for k in own if not k.startswith(_HEADS) and not k.endswith("num_batches_tracked")]
     missing = [k for k in trunk if k not in state]
@@ -393,7 +415,10 @@ def nearest(queries: np.ndarray, base: np.ndarray, n: int = 50,
     idx = np.empty((len(queries), n), np.int64)
     for i in range(0, len(queries), block):
         d = metrics.pairwise_distances(queries[i : i + block], base)
-        part = np.argpartition(d, n - 1, axis=1)[:, :n] if n < d.shape[1] else np.tile(np.arange(d.shape[1]), (len(d), 1))
+        if n < d.shape[1]:
+            part = np.argpartition(d, n - 1, axis=1)[:, :n]
+        else:
+            part = np.tile(np.arange(d.shape[1]), (len(d), 1))
         dp = np.take_along_axis(d, part, axis=1)
         order = np.argsort(dp, axis=1)
         idx[i : i + block] = np.take_along_axis(part, order, axis=1)
@@ -456,7 +481,8 @@ def pairs_figure(gen: PatchSet, train: PatchSet, d: np.ndarray, idx: np.ndarray,
         for k, im in enumerate((gen.images[g], train.images[t])):
             pil = Image.fromarray(im)
             if pil.width != s:
-                pil = pil.resize((s, s), Image.Resampling.NEAREST if pil.width < s else Image.Resampling.BOX)
+                up = pil.width < s
+                pil = pil.resize((s, s), Image.Resampling.NEAREST if up else Image.Resampling.BOX)
             fig.paste(pil, (ox + k * (s + 4), oy))
         si, x, y = train.where[t]
         name = train.names[si]
@@ -517,7 +543,8 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
         notes.append(f"the slide is too small for {o.patch_size} px patches at the requested µm/px; "
                      "patch metrics skipped (use a smaller --patch-size)")
     report["mpps"] = mpps
-    gen_sets = {m: sample_patches([slide], m, o.patch_size, o.patches, o.seed, o.min_tissue) for m in mpps}
+    gen_sets = {m: sample_patches([slide], m, o.patch_size, o.patches, o.seed, o.min_tissue)
+                for m in mpps}
     ref_sets = {m: sample_patches(refs, m, o.patch_size, o.patches, o.seed + 1, o.min_tissue)
                 for m in mpps} if refs else {}
     for m in mpps:
@@ -538,7 +565,8 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
             if len(pg) and len(pr):
                 col["distances"] = colour_distances(pg, pr, col["generated"], col["reference"])
         elif not refs:
-            notes.append("no --reference slides: colour statistics of the generated slide only, no distances")
+            notes.append("no --reference slides: colour statistics of the generated slide only, "
+                         "no distances")
         report["colour"] = col
     else:
         report["colour"] = None
@@ -599,21 +627,39 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
     return clean(report)
 
 
+def held_out_split(slide: readers.Slide, fp: float, share: float = 0.2) -> float:
+    """Column x such that about ``share`` of the slide's tissue lies right of it (held out), with
+    room for one patch of side ``fp`` on either side."""
+    from .preview import tissue_map
+
+    shape, sat = tissue_map(slide)
+    cols = sat[-1, 1:] - sat[-1, :-1]  # tissue pixels per thumbnail column
+    total = cols.sum()
+    if total == 0:
+        x = (1 - share) * slide.width
+    else:
+        c = np.searchsorted(np.cumsum(cols), (1 - share) * total)
+        x = c * slide.width / shape[1]
+    return float(min(max(x, fp), slide.width - fp))
+
+
 def memorisation(gen_sets, trains, refs, ref_sets, o: Options, net, f_of, progress, notes) -> dict:
     """Nearest training patch of each generated and each held-out real patch, same µm/px."""
-    if refs:
-        held_from, split = "reference slides", (0.0, 1.0)
-    else:
-        # no held-out slides: hold out the right fifth of every training slide (patches from the
-        # same slide are similar, so this errs towards *not* flagging memorisation)
-        held_from, split = "right fifth of each training slide (no --reference given)", (0.0, 0.8)
-    res = {"held_out": held_from, "pixel_side": PIXEL_SIDE, "k": 50, "scales": [], "pairs_images": []}
+    res = {"held_out": "reference slides" if refs else
+           # no held-out slides: hold out the right-most fifth of every training slide's tissue
+           # (patches from the same slide are alike, so this errs towards *not* flagging)
+           "the right-most fifth of each training slide's tissue (no --reference given)",
+           "pixel_side": PIXEL_SIDE, "k": 50, "scales": [], "pairs_images": []}
     for m in gen_sets:
         g = gen_sets[m]
+        fps = [footprint(t, m, o.patch_size) or 0.0 for t in trains]
+        splits = [t.width if refs else held_out_split(t, fp)
+                  for t, fp in zip(trains, fps, strict=True)]
         train = sample_patches(trains, m, o.patch_size, 0, o.seed + 2, o.min_tissue, stride=0.25,
-                               x_fraction=split, max_count=o.training_patches)
-        held = ref_sets[m] if refs else sample_patches(trains, m, o.patch_size, o.patches, o.seed + 3,
-                                                        o.min_tissue, x_fraction=(0.8, 1.0))
+                               x_ranges=[(0.0, x) for x in splits], max_count=o.training_patches)
+        held = ref_sets[m] if refs else sample_patches(
+            trains, m, o.patch_size, o.patches, o.seed + 3, o.min_tissue,
+            x_ranges=[(x, t.width) for x, t in zip(splits, trains, strict=True)])
         row = {"mpp": m, "n_generated": len(g), "n_training": len(train), "n_held_out": len(held)}
         if len(g) == 0 or len(train) == 0 or len(held) == 0:
             row["note"] = "not enough tissue patches at this µm/px"
@@ -633,8 +679,8 @@ def memorisation(gen_sets, trains, refs, ref_sets, o: Options, net, f_of, progre
             row["feature"] = nn_summary(fg_, fh_)
         if o.output_dir:
             p = Path(o.output_dir) / f"closest-pairs-{m:g}um.png"
-            pairs_figure(g, train, dg[:, 0] * scale, ig[:, 0], title=f"Memorisation audit: the generated patches closest to a "
-                         f"training patch, at {m:g} µm/px").save(p, optimize=True)
+            title = f"Memorisation audit: the generated patches closest to a training patch, at {m:g} µm/px"
+            pairs_figure(g, train, dg[:, 0] * scale, ig[:, 0], title=title).save(p, optimize=True)
             res["pairs_images"].append(str(p))
         res["scales"].append(row)
     if not o.output_dir:

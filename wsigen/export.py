@@ -14,14 +14,16 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+import imagecodecs
 import numpy as np
 
 from . import __version__
@@ -60,8 +62,6 @@ class Codec:
 
     def encode(self, tile: np.ndarray) -> bytes:
         """Encode one (h, w, 3) uint8 tile exactly as a TIFF reader will decode it."""
-        import imagecodecs
-
         if self.name == "jpeg":
             return imagecodecs.jpeg8_encode(tile, **self.jpeg_args())
         if self.name == "none":
@@ -73,15 +73,31 @@ class Codec:
         return imagecodecs.zstd_encode(diff, level=3)
 
 
-def pad_tile(tile: np.ndarray, size: int) -> np.ndarray:
+_scratch = threading.local()  # per-thread buffers: fresh 0.8 MB arrays per tile cost page faults
+
+
+def _buffer(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    b = getattr(_scratch, name, None)
+    if b is None or b.shape != shape:
+        b = np.empty(shape, np.uint8)
+        setattr(_scratch, name, b)
+    return b
+
+
+def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """(3, h, w) store pixels → (size, size, 3) contiguous, edge pixels repeated into the padding.
 
     Repeating the edge (instead of zeros) keeps JPEG ringing out of the visible border pixels.
+    ``out`` (reused between calls) receives the pixels when given.
     """
-    t = np.ascontiguousarray(tile.transpose(1, 2, 0))
-    h, w = t.shape[:2]
-    if (h, w) != (size, size):
-        t = np.pad(t, ((0, size - h), (0, size - w), (0, 0)), mode="edge")
+    _, h, w = tile.shape
+    t = np.empty((size, size, 3), np.uint8) if out is None else out
+    for c in range(3):  # one plane at a time: ~4× faster than a transposing copy
+        t[:h, :w, c] = tile[c]
+    if h < size:
+        t[h:, :w] = t[h - 1 : h, :w]
+    if w < size:
+        t[:, w:] = t[:, w - 1 : w]
     return t
 
 
@@ -99,9 +115,55 @@ def _bands(arr, rows: int) -> Iterator[np.ndarray]:
             yield band
 
 
+def chunk_reader(arr) -> Callable[[int, int], np.ndarray] | None:
+    """(chunk row, chunk column) → that (3, c, c) chunk, decoded straight from its file.
+
+    Only for arrays laid out as the store writes them (local files, bytes + zstd, uint8); else
+    None and tiles come from zarr band reads. Reading chunk by chunk inside the encoder threads
+    decodes in parallel and skips assembling bands: about half the CPU time of an export.
+    """
+    try:
+        from zarr.codecs import BytesCodec, ZstdCodec
+        from zarr.storage import LocalStore
+
+        md, store = arr.metadata, arr.store
+        codecs = md.codecs
+        if not (isinstance(store, LocalStore) and arr.dtype == np.uint8 and len(codecs) == 2
+                and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec)):
+            return None
+        root, shape, fill = Path(store.root) / arr.path, tuple(arr.chunks), arr.fill_value
+    except (AttributeError, ImportError, TypeError):
+        return None
+    import imagecodecs
+
+    def read(y: int, x: int) -> np.ndarray:
+        """The chunk, in this thread's reused buffer (valid until its next call)."""
+        buf = _buffer("chunk", shape)
+        try:
+            raw = (root / md.encode_chunk_key((0, y, x))).read_bytes()
+        except FileNotFoundError:  # never written (a --partial store): the fill value
+            buf.fill(fill)
+            return buf
+        imagecodecs.zstd_decode(raw, out=buf.reshape(-1))
+        return buf
+
+    return read
+
+
 def encoded_tiles(arr, tile: int, codec: Codec, workers: int) -> Iterator[bytes]:
     """Every tile of a (3, H, W) array in TIFF order (row-major), encoded on ``workers`` threads."""
     chunk = arr.chunks[1] if hasattr(arr, "chunks") else tile
+    h, w = arr.shape[1:]
+    read = chunk_reader(arr) if chunk == tile and tuple(arr.chunks) == (3, tile, tile) else None
+    if read is not None:  # tile = chunk: each thread reads, decodes and encodes its own tiles
+
+        def one(yx):
+            y, x = yx
+            t = read(y // tile, x // tile)[:, : min(tile, h - y), : min(tile, w - x)]
+            return codec.encode(pad_tile(t, tile, _buffer("tile", (tile, tile, 3))))
+
+        cells = ((y, x) for y in range(0, h, tile) for x in range(0, w, tile))
+        return bounded_map(one, cells, workers, 4 * workers)
     rows = math.lcm(tile, chunk) if math.lcm(tile, chunk) <= 4 * max(tile, chunk) else tile
 
     def tiles():
@@ -110,7 +172,8 @@ def encoded_tiles(arr, tile: int, codec: Codec, workers: int) -> Iterator[bytes]
                 for x in range(0, band.shape[2], tile):
                     yield band[:, ty : ty + tile, x : x + tile]
 
-    return bounded_map(lambda t: codec.encode(pad_tile(t, tile)), tiles(), workers, 4 * workers)
+    return bounded_map(lambda t: codec.encode(pad_tile(t, tile, _buffer("tile", (tile, tile, 3)))),
+                       tiles(), workers, 4 * workers)
 
 
 # -- metadata ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Worker processes for ``wsigen sample`` (design.md §4 "Distributed"): start them, join them, or none.
+"""Worker processes for ``wsigen sample`` (design.md §4 "Distributed"): start, join, or none.
 
 ``--gpus N`` / ``--workers N`` fork N ranks that join one torch.distributed job through
 ``accelerate.PartialState`` (NCCL on CUDA, gloo on CPU); this process watches them and names the
@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from .errors import UsageError, WsigenError
@@ -28,6 +29,7 @@ SET_FORMAT = "wsigen-set/1"
 # A slide is "small" (one worker samples it whole) when the states of all local ranks' slides
 # fit in this share of the machine's memory; otherwise every slide is split into bands.
 SMALL_SLIDE_MEMORY_SHARE = 0.5
+COLLECTIVE_TIMEOUT_S = 3 * 3600
 
 
 @dataclass
@@ -58,13 +60,20 @@ def external_world() -> int:
 
 
 def cuda_devices() -> int:
-    """Visible CUDA devices, counted through NVML so that forking workers stays safe."""
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    """Visible CUDA devices, counted in a child process: this one forks workers later, and
+    CUDA initialised before a fork breaks them (torch's count is fork-safe only through NVML)."""
+    import subprocess
+
     import torch
 
+    if not torch.backends.cuda.is_built():
+        return 0
+    code = "import torch; print(torch.cuda.device_count())"
     try:
-        return torch.cuda.device_count()
-    except Exception:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+        return int(out.stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.SubprocessError):
         return 0
 
 
@@ -77,15 +86,18 @@ def resolve_workers(workers: int | None, gpus: int | None, device: str) -> tuple
         raise UsageError(f"--device must be cpu, cuda or auto (got {device})")
     if gpus is not None:
         if device == "cpu":
-            raise UsageError("--gpus starts CUDA workers; use --workers N --device cpu for CPU processes")
+            raise UsageError("--gpus starts CUDA workers; use --workers N --device cpu "
+                             "for CPU processes")
         if workers is not None and workers != gpus:
             raise UsageError(f"--gpus {gpus} and --workers {workers} disagree; give one of them")
         device = "cuda"
     n = gpus or workers or 1
+    if n == 1 and gpus is None:
+        return 1, device  # one process in this one: api.sample resolves "auto" itself
+    have = cuda_devices() if device != "cpu" else 0
     if device == "auto":
-        device = "cuda" if cuda_devices() else "cpu"
+        device = "cuda" if have else "cpu"
     if device == "cuda":
-        have = cuda_devices()
         if have < n:
             what = f"--gpus {gpus}" if gpus else f"--workers {n} --device cuda"
             raise WsigenError(f"{what}: only {have} CUDA device(s) visible; ask for at most {have} "
@@ -108,7 +120,8 @@ def _precheck(output: str, count: int | None, resume: bool, overwrite: bool, opt
     if resume and not p.exists():
         raise WsigenError(f"--resume: {p} does not exist; start it without --resume")
     if p.exists() and not resume and not overwrite:
-        raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
+        raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume "
+                          f"to continue it")
     if count is not None and count < 1:
         raise UsageError(f"--count must be at least 1 (got {count})")
 
@@ -116,7 +129,8 @@ def _precheck(output: str, count: int | None, resume: bool, overwrite: bool, opt
 # -- entry point ---------------------------------------------------------------------------
 def sample(output, size=None, *, workers: int | None = None, gpus: int | None = None,
            count: int | None = None, device: str = "auto", resume: bool = False,
-           overwrite: bool = False, progress=None, log=None, split: str = "auto", **options) -> dict:
+           overwrite: bool = False, progress=None, log=None, split: str = "auto",
+           **options) -> dict:
     """``api.sample`` on one or many processes, for one slide or ``count`` slides."""
     options = {k: v for k, v in options.items() if v is not None}
     if size is not None:
@@ -127,10 +141,12 @@ def sample(output, size=None, *, workers: int | None = None, gpus: int | None = 
     if ext > 1:
         n = gpus or workers
         if n is not None and n != ext:
-            raise UsageError(f"this process was started as one of {ext} workers (WORLD_SIZE={ext}), "
+            raise UsageError(f"this process was started as one of {ext} workers "
+                             f"(WORLD_SIZE={ext}), "
                              f"but {'--gpus' if gpus else '--workers'} {n} was asked")
         dev = "cuda" if gpus else device
-        job = Job(str(output), options, count, dev, ext, resume, overwrite, split, None, progress, log)
+        job = Job(str(output), options, count, dev, ext, resume, overwrite, split, None,
+                  progress, log)
         return _rank_main(job, joined=True)
     n, dev = resolve_workers(workers, gpus, device)
     _precheck(str(output), count, resume, overwrite, options)
@@ -170,7 +186,8 @@ def _spawn(job: Job) -> dict:
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": str(job.nprocs), "LOCAL_WORLD_SIZE": str(job.nprocs)}
     if job.device == "cpu":
-        job.extra["threads"] = job.options.get("threads") or max(1, (os.cpu_count() or 1) // job.nprocs)
+        per = job.options.get("threads") or max(1, (os.cpu_count() or 1) // job.nprocs)
+        job.extra["threads"] = per
         env["OMP_NUM_THREADS"] = str(job.extra["threads"])
     ctx = mp.get_context("fork")  # fast, and nothing device-related has run in this process yet
     with tempfile.TemporaryDirectory(prefix="wsigen-job-") as jobdir:
@@ -246,13 +263,16 @@ def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
         rep, code = reports.get(rank), codes.get(rank)
         if rep is None:
             if code is not None and code < 0:
-                name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
-                how = f"was killed by {name}"
+                try:
+                    how = f"was killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"was killed by signal {-code}"
             else:
                 how = f"died without a report (exit code {code})"
             return (5 if rank in stopped else 0), how, 1
         order = {"error": 1, "interrupted": 2, "lost": 3}.get(rep.get("kind"), 1)
-        return order + (4 if rank in stopped else 0), rep.get("message", "failed"), int(rep.get("code", 1))
+        order += 4 if rank in stopped else 0
+        return order, rep.get("message", "failed"), int(rep.get("code", 1))
 
     failed = [r for r in range(n) if codes.get(r) or not (reports.get(r) or {}).get("ok")]
     first = min(failed, key=lambda r: (why(r)[0], r))
@@ -298,26 +318,27 @@ def _reset_signals() -> None:
 
 def _rank_main(job: Job, joined: bool) -> dict | None:
     """One rank: initialise torch.distributed through Accelerate, run the job, report."""
-    from accelerate import PartialState
+    import warnings
 
     import torch
+    from accelerate import PartialState
 
     from .distributed import DistTopology, PeerLost
 
-    if job.device == "cpu" and job.extra.get("threads"):
-        torch.set_num_threads(job.extra["threads"])
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "OMP_NUM_THREADS unset" and backend notes
-        state = PartialState(cpu=job.device == "cpu")
-    rank, world = state.process_index, state.num_processes
-    comm = state.device if state.backend == "nccl" else torch.device("cpu")
-    topo = DistTopology(rank, world, comm)
-    if job.device == "cpu" and job.options.get("threads"):
-        torch.set_num_threads(job.options["threads"])
+    threads = job.options.get("threads") or job.extra.get("threads")
+    if job.device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        summary = _run_rank(job, topo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "OMP_NUM_THREADS unset" and backend notes
+            # Rank 0 alone creates the store and builds the pyramid while the others wait in a
+            # barrier; a dead peer shows as a closed connection or to the launcher, not as this.
+            state = PartialState(cpu=job.device == "cpu",
+                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        rank, world = state.process_index, state.num_processes
+        comm = state.device if state.backend == "nccl" else torch.device("cpu")
+        summary = _run_rank(job, DistTopology(rank, world, comm))
         _report(job, rank, {"ok": True, "summary": summary if rank == 0 else None})
         return summary if rank == 0 else None
     except BaseException as e:
@@ -325,13 +346,13 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
         msg = str(e) if isinstance(e, WsigenError) else (
             "interrupted" if kind == "interrupted" else f"{type(e).__name__}: {e}")
         _report(job, rank, {"ok": False, "kind": kind, "code": code, "message": msg})
-        if joined:
+        if joined:  # no parent of ours: this process says what happened to it
             if isinstance(e, WsigenError | KeyboardInterrupt):
                 if isinstance(e, WsigenError) and not isinstance(e, PeerLost):
                     e.args = (f"worker rank {rank} of {world}: {e}",)
                 raise
             raise WsigenError(f"worker rank {rank} of {world}: {msg}") from e
-        if kind == "error":  # a lost peer or an interrupt is a consequence; the parent names the cause
+        if kind == "error":  # a lost peer or an interrupt is a consequence: the parent names it
             print(f"wsigen: worker rank {rank} of {world}: {msg}", file=sys.stderr, flush=True)
         sys.exit(code)
     finally:
@@ -384,6 +405,16 @@ def _run_rank(job: Job, topo) -> dict | None:
     return summary
 
 
+def _model_config(options: dict) -> dict:
+    """The model's config without building it (no torch work in the launching process)."""
+    from . import checkpoint
+
+    spec = options.get("model") or "default"
+    if str(spec) == "gaussian":
+        return checkpoint.gaussian_config(options.get("patch"))
+    return checkpoint.read_config(checkpoint.resolve_model_path(spec))
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
@@ -400,9 +431,7 @@ def plan_line(output: str, options: dict, world: int, resume: bool) -> str:
         w, h, m, steps = cfg["width"], cfg["height"], cfg["patch"], cfg["steps"]
         seed, shift = cfg["seed"], cfg["grid_shift"]
     else:
-        spec = options.get("model") or "default"
-        mc = (checkpoint.gaussian_config(options.get("patch")) if str(spec) == "gaussian"
-              else checkpoint.read_config(checkpoint.resolve_model_path(spec)))
+        mc = _model_config(options)
         w, h = api.parse_size(options.get("size") or mc["recommended_size"])
         m = mc["patch"] or options.get("patch") or checkpoint.DEFAULTS["patch"]
         steps, seed = options.get("steps") or mc["steps"], int(options.get("seed") or 0)
@@ -414,7 +443,8 @@ def plan_line(output: str, options: dict, world: int, resume: bool) -> str:
     guide = [r["buffer_bytes"] // (ROW_BYTES * k * k) * 3 for r in ranks]  # uint8 at 1/k per side
     per = ", ".join(f"rank {r['rank']} {_mb(r['band_bytes'])} (buffer {_mb(r['buffer_bytes'])}, "
                     f"guide {_mb(g)})" for r, g in zip(ranks, guide, strict=True))
-    return (f"{world} workers, last stage {last.width}x{last.height}: float32 state per rank: {per}; "
+    return (f"{world} workers, last stage {last.width}x{last.height}: float32 state per rank: "
+            f"{per}; "
             f"each boundary moves ≤ {_mb(m * last.width * ROW_BYTES)} per step")
 
 
@@ -465,11 +495,13 @@ def _prepare_set(job: Job) -> dict:
         if job.count is not None and job.count != manifest["count"]:
             clash.append(f"count {job.count} (set: {manifest['count']})")
         if clash:
-            raise UsageError("--resume: options conflict with the set's manifest: " + "; ".join(clash))
+            raise UsageError("--resume: options conflict with the set's manifest: "
+                             + "; ".join(clash))
         return manifest
     if root.exists():
         if not job.overwrite:
-            raise WsigenError(f"output {root} exists; pass --overwrite to replace it or --resume to continue it")
+            raise WsigenError(f"output {root} exists; pass --overwrite to replace it or --resume "
+                              f"to continue it")
         old = root / MANIFEST
         if old.is_file():  # a set of ours: remove its stores and manifest, nothing else
             for s in json.loads(old.read_text()).get("slides", []):
@@ -478,7 +510,8 @@ def _prepare_set(job: Job) -> dict:
                     prepare_output(p, overwrite=True)
             old.unlink()
         if root.is_dir() and any(root.iterdir()):
-            raise WsigenError(f"refusing to overwrite {root}: it is not empty and not a wsigen slide set")
+            raise WsigenError(f"refusing to overwrite {root}: it is not empty and not a wsigen "
+                              f"slide set")
         shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     seed0 = int(job.options.get("seed") or 0)
@@ -496,32 +529,32 @@ def _split(job: Job, options: dict, world: int) -> str:
         return job.split
     import psutil
 
-    from . import api, checkpoint
+    from . import api
 
-    lm_cfg = (checkpoint.gaussian_config(options.get("patch")) if str(options.get("model")) == "gaussian"
-              else checkpoint.read_config(checkpoint.resolve_model_path(options.get("model") or "default")))
-    w, h = api.parse_size(options.get("size") or lm_cfg["recommended_size"])
+    w, h = api.parse_size(options.get("size") or _model_config(options)["recommended_size"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     state = 3 * 4 * w * h
-    return "slide" if local * state <= SMALL_SLIDE_MEMORY_SHARE * psutil.virtual_memory().total else "band"
+    small = local * state <= SMALL_SLIDE_MEMORY_SHARE * psutil.virtual_memory().total
+    return "slide" if small else "band"
 
 
-def _set_total(options: dict, seeds: list[int], device: str) -> int:
-    """Patch-steps of every slide (the one bar's total), from the keyed grid offsets alone."""
-    import torch
+def _set_totals(options: dict, seeds: list[int], device: str) -> list[int]:
+    """Patch-steps of each slide (for the one bar), from the keyed grid offsets alone."""
 
     from . import api, cascade, checkpoint, sampler
 
     spec = options.get("model") or "default"
     lm = checkpoint.load_model(spec, patch=options.get("patch"))
+    dev = api.resolve_device(device)
     req = {k: v for k, v in options.items() if k not in ("model", "patch")}
-    total = 0
+    totals = []
     for s in seeds:
-        cfg = api.build_config(lm, spec, {**req, "seed": s}, torch.device(device))
-        plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, lm.config["k"], cfg["mpp"])
-        ctxs = sampler.contexts(lm, plans, api.settings_of(cfg), s, torch.device(device))
-        total += sampler.total_patches(ctxs)
-    return total
+        cfg = api.build_config(lm, spec, {**req, "seed": s}, dev)
+        k = lm.config["k"]
+        plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, k, cfg["mpp"])
+        ctxs = sampler.contexts(lm, plans, api.settings_of(cfg), s, dev)
+        totals.append(sampler.total_patches(ctxs))
+    return totals
 
 
 def run_set(job: Job, topo, bar, kv) -> dict:
@@ -545,10 +578,14 @@ def run_set(job: Job, topo, bar, kv) -> dict:
     whole = todo[: len(todo) - len(todo) % topo.world] if split == "slide" else []
     banded = [i for i in todo if i not in whole]
     progress = SharedProgress(bar, topo.rank, kv, fixed_total=True)
+    if topo.rank == 0 and job.log:
+        job.log(f"{len(slides)} slides, seeds {slides[0]['seed']} … {slides[-1]['seed']} → {root}: "
+                f"{len(slides) - len(todo)} complete, {len(whole)} to sample whole "
+                f"(one per worker), "
+                f"{len(banded)} split into bands over {topo.world} worker(s)")
     if topo.rank == 0 and bar is not None:
-        seeds = [s["seed"] for s in slides]
-        done = sum(_set_total(options, [seeds[i]], job.device) for i, c in enumerate(codes) if c == 0)
-        bar.start(_set_total(options, seeds, job.device), done)
+        totals = _set_totals(options, [s["seed"] for s in slides], job.device)
+        bar.start(sum(totals), sum(t for t, c in zip(totals, codes, strict=True) if c == 0))
     single = sampler.Topology()
     summaries = []
 
@@ -557,7 +594,7 @@ def run_set(job: Job, topo, bar, kv) -> dict:
         out = root / s["store"]
         summaries.append(api.sample(
             out, device=job.device, resume=codes[i] == 1, overwrite=codes[i] == 2 and out.exists(),
-            progress=progress, topology=t, log=job.log if t.rank == 0 and topo.rank == 0 else None,
+            progress=progress, topology=t, log=None,
             **{**options, "seed": s["seed"]}))
         if topo.rank == 0 and t is single:
             write_manifest(root, manifest)

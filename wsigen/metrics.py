@@ -62,13 +62,16 @@ class SeamCounter:
 
     def add(self, rows: np.ndarray, y0: int) -> None:
         """Rows [y0, y0 + h) of the image, (3, h, W); consecutive bands also count the pair between."""
-        a = rows.astype(np.float32)
+        # integer images give exact sums (band order cannot change the result); channels are
+        # summed, not averaged: every ratio below divides the factor 3 away
+        a = rows.astype(np.int16) if np.issubdtype(rows.dtype, np.integer) else rows.astype(np.float64)
         h = a.shape[1]
-        col_sums = np.abs(np.diff(a, axis=2)).mean(axis=0).sum(axis=0)  # pair (p−1, p), p = 1…W−1
-        dy = np.abs(np.diff(a, axis=1)).mean(axis=0).sum(axis=1)  # pair (p−1, p), p = y0+1…
+        acc_t = np.int64 if a.dtype == np.int16 else np.float64
+        col_sums = np.abs(np.diff(a, axis=2)).sum(axis=(0, 1), dtype=acc_t)  # pair (p−1, p), p = 1…W−1
+        dy = np.abs(np.diff(a, axis=1)).sum(axis=(0, 2), dtype=acc_t)  # pair (p−1, p), p = y0+1…
         ys = np.arange(y0 + 1, y0 + h)
         if self._last_row is not None and self._next_y == y0:
-            dy = np.concatenate([[np.abs(a[:, 0] - self._last_row).mean(axis=0).sum()], dy])
+            dy = np.concatenate([[np.abs(a[:, 0] - self._last_row).sum(dtype=acc_t)], dy])
             ys = np.concatenate([[y0], ys])
         self._last_row, self._next_y = a[:, -1], y0 + h
         vy = block_order(ys, self.k, self.levels)
@@ -173,8 +176,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid(real: np.ndarray, fake: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two (n, d) feature sets."""
-    return frechet_distance(*mean_cov(real), *mean_cov(fake))
+    """Fréchet distance between Gaussians fitted to two (n, d) feature sets.
+
+    With fewer samples than dimensions (patch-FID with a few hundred patches of 2048-d
+    features) the covariances have low rank: Σᵢ = AᵢᵀAᵢ/(nᵢ − 1) for the centred samples Aᵢ, the
+    non-zero eigenvalues of Σ₁Σ₂ are the squared singular values of A₁A₂ᵀ/√((n₁−1)(n₂−1)), so
+    tr (Σ₁Σ₂)^½ is that matrix's nuclear norm: exact, and no d × d eigendecomposition.
+    """
+    x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    n1, n2, d = len(x), len(y), x.shape[1]
+    if min(n1, n2) >= d:
+        return frechet_distance(*mean_cov(x), *mean_cov(y))
+    a, b = x - x.mean(axis=0), y - y.mean(axis=0)
+    c1, c2 = n1 - 1, n2 - 1
+    tr_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum() / math.sqrt(c1 * c2)
+    dm = x.mean(axis=0) - y.mean(axis=0)
+    return float(max(dm @ dm + (a * a).sum() / c1 + (b * b).sum() / c2 - 2 * tr_sqrt, 0.0))
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,

@@ -53,7 +53,8 @@ class StoreSlide(readers.Slide):
         super().__init__(store.path, levels, float(mpp), bg)
 
     def _read(self, level, x, y, w, h):
-        return np.ascontiguousarray(np.asarray(self._arrays[level][:, y : y + h, x : x + w]).transpose(1, 2, 0))
+        chw = np.asarray(self._arrays[level][:, y : y + h, x : x + w])
+        return np.ascontiguousarray(chw.transpose(1, 2, 0))
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -160,8 +161,18 @@ def zoom_panels(slide: readers.Slide, zoom: float = 4, panel: int = 512,
         y = min(max(cy - side_h / 2, prev.y), prev.y + prev.h - side_h)
         x, y = max(0.0, min(x, W - side_w)), max(0.0, min(y, H - side_h))
         ow, oh = max(1, round(side_w / s)), max(1, round(side_h / s))
-        panels.append(Panel(x, y, side_w, side_h, s, slide.read_scaled(x, y, side_w, side_h, ow, oh)))
+        image = slide.read_scaled(x, y, side_w, side_h, ow, oh)
+        panels.append(Panel(x, y, side_w, side_h, s, image))
     return panels
+
+
+def tissue_map(slide: readers.Slide, thumb_side: int = 2048):
+    """(thumbnail shape, summed-area table of its tissue mask), computed once per slide object."""
+    cache = slide.__dict__.setdefault("_tissue_maps", {})
+    if thumb_side not in cache:
+        thumb = slide.thumbnail(thumb_side)
+        cache[thumb_side] = (thumb.shape, _integral(tissue_mask(thumb)))
+    return cache[thumb_side]
 
 
 def tissue_boxes(slide: readers.Slide, footprint: float, n: int, seed: int = 0,
@@ -175,14 +186,13 @@ def tissue_boxes(slide: readers.Slide, footprint: float, n: int, seed: int = 0,
     xa, xb = x_range or (0, W)
     if footprint > min(H, xb - xa):
         return []
-    thumb = slide.thumbnail(thumb_side)
-    f = W / thumb.shape[1]
-    sat = _integral(tissue_mask(thumb))
+    thumb_shape, sat = tissue_map(slide, thumb_side)
+    f = W / thumb_shape[1]
     fp = max(1, round(footprint / f))
 
     def frac(x, y):
-        tx = np.clip(np.round(np.asarray(x) / f).astype(int), 0, thumb.shape[1] - fp)
-        ty = np.clip(np.round(np.asarray(y) / f).astype(int), 0, thumb.shape[0] - fp)
+        tx = np.clip(np.round(np.asarray(x) / f).astype(int), 0, thumb_shape[1] - fp)
+        ty = np.clip(np.round(np.asarray(y) / f).astype(int), 0, thumb_shape[0] - fp)
         return box_fraction(sat, ty, tx, fp, fp)
 
     if stride is not None:
@@ -379,7 +389,8 @@ def patch_grid(slide: readers.Slide, count: int, mpp: float, size: int = 256, se
     for j, (x, y) in enumerate(corners):
         r, c = divmod(j, cols)
         ox, oy = margin + c * (size + gap), title_h + r * (size + gap)
-        fig.paste(Image.fromarray(slide.read_scaled(x, y, footprint, footprint, size, size)), (ox, oy))
+        tile = slide.read_scaled(x, y, footprint, footprint, size, size)
+        fig.paste(Image.fromarray(tile), (ox, oy))
         label = f"{x:,.0f}, {y:,.0f}"
         tb = d.textbbox((0, 0), label, font=small)
         d.rectangle([ox, oy, ox + tb[2] + 6, oy + tb[3] + 4], fill=(255, 255, 255, 200))
@@ -390,28 +401,45 @@ def patch_grid(slide: readers.Slide, count: int, mpp: float, size: int = 256, se
     return fig
 
 
-def save_image(img, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a figure; the format follows the suffix (PNG, JPEG, TIFF, WebP)."""
+def figure_format(path: Path, colours: int | None = None) -> str:
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
+           ".webp": "WEBP"}.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"unsupported figure format {Path(path).suffix or '(none)'}: "
+                         "use .png, .jpg, .tif or .webp")
+    if colours is not None and (fmt != "PNG" or not 2 <= colours <= 256):
+        raise UsageError("--colours takes 2 … 256 and applies to PNG figures only")
+    return fmt
+
+
+def save_image(img, path: str | os.PathLike, overwrite: bool = False,
+               colours: int | None = None) -> Path:
+    """Write a figure; the format follows the suffix (PNG, JPEG, TIFF, WebP). ``colours``
+    reduces a PNG to a dithered palette of that many colours (a third of the size or less)."""
+    from PIL import Image
+
     p = Path(path)
     if p.exists() and not overwrite:
         raise WsigenError(f"output {p} exists; pass --overwrite to replace it")
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
-           ".webp": "WEBP"}.get(p.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"unsupported figure format {p.suffix or '(none)'}: use .png, .jpg, .tif or .webp")
+    fmt = figure_format(p, colours)
     kw = {"optimize": True} if fmt == "PNG" else {"quality": 90} if fmt in ("JPEG", "WEBP") else {}
+    if colours is not None:
+        img = img.quantize(colors=colours, method=Image.Quantize.MEDIANCUT,
+                           dither=Image.Dither.FLOYDSTEINBERG)
     tmp = p.with_name(p.name + ".partial")
     img.save(tmp, format=fmt, **kw)
     os.replace(tmp, p)
     return p
 
 
-def preview(path, output, *, zoom: float = 4, panel: int = 512, centre=None, grid: int | None = None,
-            mpp: float | None = None, size: int = 256, seed: int = 0, slide_mpp: float | None = None,
-            overwrite: bool = False) -> dict:
+def preview(path, output, *, zoom: float = 4, panel: int = 512, centre=None,
+            grid: int | None = None, mpp: float | None = None, size: int = 256, seed: int = 0,
+            slide_mpp: float | None = None, overwrite: bool = False,
+            colours: int | None = None) -> dict:
     """Write the zoom figure (or, with ``grid``, a contact sheet at ``mpp``); returns a summary."""
     if Path(output).exists() and not overwrite:
         raise WsigenError(f"output {output} exists; pass --overwrite to replace it")
+    figure_format(output, colours)
     with open_slide(path, slide_mpp) as slide:
         if grid is not None:
             if mpp is None:
@@ -420,10 +448,11 @@ def preview(path, output, *, zoom: float = 4, panel: int = 512, centre=None, gri
             kind = "grid"
         else:
             if mpp is not None:
-                raise UsageError("--mpp applies to --grid only (the zoom figure goes down to full resolution)")
+                raise UsageError("--mpp applies to --grid only "
+                                 "(the zoom figure goes down to full resolution)")
             img = zoom_figure(slide, zoom, panel, centre)
             kind = "zoom"
         info = describe(slide)
-    save_image(img, output, overwrite=overwrite)
+    save_image(img, output, overwrite=overwrite, colours=colours)
     return {"output": str(output), "kind": kind, "width": img.width, "height": img.height,
             "slide": info}

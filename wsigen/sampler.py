@@ -38,7 +38,7 @@ class Topology:
 
     def allocate(self, height: int, width: int, y0: int, y1: int, reserve: Span,
                  device: str | torch.device = "cpu") -> Band:
-        """An uninitialised band of rows [y0, y1); ``reserve`` is every row it may hold this stage."""
+        """An uninitialised band of rows [y0, y1); ``reserve``: every row it may hold this stage."""
         return Band(height, width, y0, y1, torch.empty(3, y1 - y0, width, device=device))
 
     def release(self) -> None:

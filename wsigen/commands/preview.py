@@ -133,7 +133,13 @@ def _progress():
     """A rich progress callback on stderr (none when WSIGEN_NO_PROGRESS is set)."""
     if os.environ.get("WSIGEN_NO_PROGRESS"):
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from ..progress import console
 
@@ -165,6 +171,7 @@ def register(app: typer.Typer) -> None:
         size: Annotated[int, typer.Option(help="Side of a --grid patch in px.", min=16)] = 256,
         seed: Annotated[int, typer.Option(help="Seed of the --grid patch positions.", min=0)] = 0,
         slide_mpp: Annotated[float | None, typer.Option(help="µm/px of a file that does not record it.")] = None,
+        colours: Annotated[int | None, typer.Option("--colours", help="Reduce a PNG to this many colours (dithered palette: much smaller files).", min=2, max=256)] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing figure.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ):
@@ -174,7 +181,7 @@ def register(app: typer.Typer) -> None:
         if mpp is not None and mpp <= 0:
             raise UsageError(f"--mpp must be positive (got {mpp:g})")
         s = run(slide, output, zoom=zoom, panel=panel, centre=_pair(centre, "--centre"), grid=grid,
-                mpp=mpp, size=size, seed=seed, slide_mpp=slide_mpp, overwrite=overwrite)
+                mpp=mpp, size=size, seed=seed, slide_mpp=slide_mpp, overwrite=overwrite, colours=colours)
         if as_json:
             typer.echo(json.dumps(s, indent=2))
         else:
