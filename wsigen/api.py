@@ -83,27 +83,44 @@ def check_mpp_range(plans, model_cfg: dict, allow_extrapolation: bool) -> None:
 def build_config(model: checkpoint.LoadedModel, model_spec: str, requested: dict,
                  device: torch.device) -> dict:
     mc = model.config
-    steps = requested.get("steps") or mc["steps"]
+    steps = requested.get("steps", mc["steps"])
     guided = requested.get("guided_steps")
     if guided is None:
         guided = min(steps, round(steps * mc["guided_steps"] / mc["steps"]))
-    w, h = parse_size(requested.get("size") or mc["recommended_size"])
-    threads = requested.get("threads") or sampler.default_threads()
+    w, h = parse_size(requested.get("size", mc["recommended_size"]))
+    threads = requested.get("threads", sampler.default_threads())
     cfg = {
-        "width": w, "height": h, "mpp": float(requested.get("mpp") or mc["final_mpp"]),
+        "width": w, "height": h, "mpp": float(requested.get("mpp", mc["final_mpp"])),
         "model": str(model_spec), "model_sha256": model.sha256, "patch": model.patch,
-        "seed": int(requested.get("seed") or 0), "steps": steps, "guided_steps": guided,
-        "solver": requested.get("solver") or "heun", "batch": requested.get("batch") or 8,
-        "precision": requested.get("precision") or "fp32",
+        "seed": int(requested.get("seed", 0)), "steps": steps, "guided_steps": guided,
+        "solver": requested.get("solver", "heun"), "batch": requested.get("batch", 8),
+        "precision": requested.get("precision", "fp32"),
         "grid_shift": requested.get("grid_shift", True) is not False,
         "skip_background": requested.get("skip_background", True) is not False,
         "background_tolerance": float(requested.get("background_tolerance", DEFAULT_BG_TOLERANCE)),
         "sigma_min": mc["sigma_min"], "sigma_max": mc["sigma_max"], "rho": mc["rho"],
         "device_type": device.type, "threads": threads if device.type == "cpu" else None,
     }
-    if cfg["mpp"] <= 0:
-        raise UsageError(f"--mpp must be positive (got {cfg['mpp']:g})")
+    if not cfg["mpp"] > 0 or cfg["mpp"] == float("inf"):
+        raise UsageError(f"--mpp must be a positive number (got {cfg['mpp']:g})")
+    if cfg["seed"] < 0:
+        raise UsageError(f"--seed must be non-negative (got {cfg['seed']})")
+    if cfg["threads"] is not None and cfg["threads"] < 1:
+        raise UsageError(f"--threads must be at least 1 (got {cfg['threads']})")
     return cfg
+
+
+def check_output(out, overwrite: bool) -> None:
+    """Refuse an unusable output path before any work (SlideStore.create checks again)."""
+    p = Path(out)
+    parent = p.absolute().parent
+    for d in [parent, *parent.parents]:
+        if d.exists():
+            if not d.is_dir():
+                raise WsigenError(f"cannot create {p}: {d} is not a directory")
+            break
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
 
 
 def _merge_resume(stored: dict, requested: dict) -> dict:
@@ -185,6 +202,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
     else:
         spec = model or "default"
         lm = checkpoint.load_model(spec, patch=patch)
+        check_output(out, overwrite)
         cfg = build_config(lm, spec, requested, dev)
         if source:
             cfg.update(source)
@@ -200,14 +218,14 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
     else:
         plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, lm.config["k"], cfg["mpp"])
         check_mpp_range(plans, lm.config, allow_extrapolation)
-    if log and topo.rank == 0:
-        log(f"{cfg['width']}x{cfg['height']} px at {cfg['mpp']:g} µm/px: L = {len(plans) - 1}, "
-            f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
-            f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
     if checkpoint_every is None:
         big = plans[-1].height * plans[-1].width >= 4096 * 4096
         checkpoint_every = max(1, settings.steps // 4) if big else 0
     _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store)
+    if log and topo.rank == 0:
+        log(f"{cfg['width']}x{cfg['height']} px at {cfg['mpp']:g} µm/px: L = {len(plans) - 1}, "
+            f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
+            f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
     lm.denoiser.to(dev)
     if store is None:
         info = {"torch_version": torch.__version__, "config": cfg, "seed": cfg["seed"],

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from .errors import WsigenError
@@ -54,6 +55,15 @@ def command(resume_hint=None):
                 raise typer.Exit(1) from None
             except MemoryError:
                 err("out of memory; use a smaller --size, more --workers, or --batch 1")
+                raise typer.Exit(1) from None
+            except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+                raise
+            except Exception as e:  # a bug, not bad input: still one line, traceback on request
+                if os.environ.get("WSIGEN_DEBUG"):
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                err(f"internal error: {type(e).__name__}: {first} (set WSIGEN_DEBUG=1 for the traceback; "
+                    "please report it)")
                 raise typer.Exit(1) from None
             finally:
                 if old is not None:

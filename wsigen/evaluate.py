@@ -454,26 +454,26 @@ def nn_summary(d_gen: np.ndarray, d_held: np.ndarray) -> dict:
     }
 
 
-def pairs_figure(gen: PatchSet, train: PatchSet, d: np.ndarray, idx: np.ndarray, count: int = 8,
-                 title: str = ""):
-    """The ``count`` generated patches closest to a training patch, each beside that patch."""
+def pairs_figure(gen: PatchSet, train: PatchSet, d: np.ndarray, idx: np.ndarray,
+                 relative: np.ndarray, threshold: float, count: int = 8, title: str = ""):
+    """The ``count`` generated patches relatively closest to a training patch, each beside it."""
     from PIL import Image, ImageDraw
 
     from .preview import _font, _text
 
-    order = np.argsort(d)[:count]
+    order = np.argsort(relative)[:count]
     s = max(112, min(gen.size, 192))  # small patches are enlarged (nearest) to stay readable
     gap, margin = 14, 12
     font, small = _font(13), _font(11)
     cols = min(4, len(order))
     rows = math.ceil(len(order) / max(cols, 1))
     cell_w, cap = 2 * s + 4, 34
-    fig = Image.new("RGB", (max(2 * margin + cols * cell_w + (cols - 1) * gap, 560),
+    fig = Image.new("RGB", (max(2 * margin + cols * cell_w + (cols - 1) * gap, 640),
                             52 + rows * (s + cap + gap) + margin), (255, 255, 255))
     dr = ImageDraw.Draw(fig)
     _text(dr, (margin, 8), title or "closest generated / training pairs", font, (0, 0, 0))
     _text(dr, (margin, 28), "each pair: generated patch (left), its nearest training patch (right); "
-          "d = RMS difference (0–255)", small, (90, 90, 90))
+          "d = RMS difference (0–255), r = d / mean of the k nearest", small, (90, 90, 90))
     for j, g in enumerate(order):
         r, c = divmod(j, cols)
         ox, oy = margin + c * (cell_w + gap), 52 + r * (s + cap + gap)
@@ -484,10 +484,14 @@ def pairs_figure(gen: PatchSet, train: PatchSet, d: np.ndarray, idx: np.ndarray,
                 up = pil.width < s
                 pil = pil.resize((s, s), Image.Resampling.NEAREST if up else Image.Resampling.BOX)
             fig.paste(pil, (ox + k * (s + 4), oy))
+        copy = relative[g] < threshold
+        if copy:
+            dr.rectangle([ox - 3, oy - 3, ox + cell_w + 2, oy + s + 2], outline=(214, 39, 40), width=3)
         si, x, y = train.where[t]
         name = train.names[si]
         name = name if len(name) <= 24 else name[:21] + "…"
-        _text(dr, (ox, oy + s + 3), f"d = {d[g]:.1f}", small, (0, 0, 0))
+        _text(dr, (ox, oy + s + 3), f"d = {d[g]:.1f}, r = {relative[g]:.2f}" + ("  near copy" if copy else ""),
+              small, (214, 39, 40) if copy else (0, 0, 0))
         _text(dr, (ox, oy + s + 18), f"{name} ({x:.0f}, {y:.0f})", small, (90, 90, 90))
     return fig
 
@@ -679,8 +683,10 @@ def memorisation(gen_sets, trains, refs, ref_sets, o: Options, net, f_of, progre
             row["feature"] = nn_summary(fg_, fh_)
         if o.output_dir:
             p = Path(o.output_dir) / f"closest-pairs-{m:g}um.png"
-            title = f"Memorisation audit: the generated patches closest to a training patch, at {m:g} µm/px"
-            pairs_figure(g, train, dg[:, 0] * scale, ig[:, 0], title=title).save(p, optimize=True)
+            title = f"Memorisation audit: generated patches closest to a training patch, at {m:g} µm/px"
+            rel = dg[:, 0] / np.maximum(dg.mean(axis=1), 1e-12)
+            pairs_figure(g, train, dg[:, 0] * scale, ig[:, 0], rel, row["pixel"]["relative"]["threshold"],
+                         title=title).save(p, optimize=True)
             res["pairs_images"].append(str(p))
         res["scales"].append(row)
     if not o.output_dir:

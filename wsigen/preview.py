@@ -243,10 +243,18 @@ def _font(size: int):
     return f
 
 
-def _text(draw, xy, s: str, font, fill) -> None:
+def _ascii(s: str, font) -> str:
     if getattr(font, "ascii_only", False):
         s = s.replace("µ", "u").replace("×", "x").replace("·", "-")
-    draw.text(xy, s, fill=fill, font=font)
+    return s
+
+
+def _text(draw, xy, s: str, font, fill) -> None:
+    draw.text(xy, _ascii(s, font), fill=fill, font=font)
+
+
+def _width(s: str, font) -> int:
+    return round(font.getlength(_ascii(s, font)))
 
 
 def nice_length(target: float) -> float:
@@ -296,11 +304,6 @@ def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
     title_h = margin + round(font.size * 1.4 + small.size * 1.3) + margin
     cap_h = round(small.size * 2.8)
     n = len(panels)
-    width = 2 * margin + n * panel + (n - 1) * gap
-    height = title_h + panel + cap_h + margin
-    fig = Image.new("RGB", (width, height), (255, 255, 255))
-    over = Image.new("RGBA", fig.size, (0, 0, 0, 0))
-    d = ImageDraw.Draw(over)
     mpp = slide.mpp
     info = describe(slide)
     title = f"{info['name']}: {slide.width:,} × {slide.height:,} px"
@@ -313,8 +316,15 @@ def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
                    + ("" if info.get("grid_shift", True) else " · fixed grid"))
     sub.append("each box shows where the next panel comes from"
                + ("" if mpp else " · µm/px unknown: scale bars in pixels"))
+    sub = "  ·  ".join(sub)
+    width = max(2 * margin + n * panel + (n - 1) * gap, 2 * margin + _width(title, font),
+                2 * margin + _width(sub, small))
+    height = title_h + panel + cap_h + margin
+    fig = Image.new("RGB", (width, height), (255, 255, 255))
+    over = Image.new("RGBA", fig.size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(over)
     _text(d, (margin, margin // 2), title, font, (0, 0, 0, 255))
-    _text(d, (margin, margin // 2 + round(font.size * 1.4)), "  ·  ".join(sub), small, (90, 90, 90, 255))
+    _text(d, (margin, margin // 2 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
     boxes = []
     for i, p in enumerate(panels):
         ox = margin + i * (panel + gap)
@@ -377,15 +387,17 @@ def patch_grid(slide: readers.Slide, count: int, mpp: float, size: int = 256, se
     gap, margin = 8, 12
     font, small = _font(max(12, size // 14)), _font(max(10, size // 20))
     title_h = 6 + round(font.size * 1.4 + small.size * 1.3) + 8
-    fig = Image.new("RGB", (2 * margin + cols * size + (cols - 1) * gap,
-                            title_h + rows * (size + gap) + margin), (255, 255, 255))
+    name = describe(slide)["name"]
+    title = (f"{name}: {len(corners)} random tissue patches at {mpp:g} µm/px "
+             f"({size} px = {format_um(size * mpp)})")
+    sub = f"labels: top-left corner in level-0 pixels · seed {seed}"
+    width = max(2 * margin + cols * size + (cols - 1) * gap, 2 * margin + _width(title, font),
+                2 * margin + _width(sub, small))
+    fig = Image.new("RGB", (width, title_h + rows * (size + gap) + margin), (255, 255, 255))
     over = Image.new("RGBA", fig.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(over)
-    name = describe(slide)["name"]
-    _text(d, (margin, 6), f"{name}: {len(corners)} random tissue patches at {mpp:g} µm/px "
-           f"({size} px = {format_um(size * mpp)})", font, (0, 0, 0, 255))
-    _text(d, (margin, 6 + round(font.size * 1.4)), f"labels: top-left corner in level-0 pixels · seed {seed}",
-          small, (90, 90, 90, 255))
+    _text(d, (margin, 6), title, font, (0, 0, 0, 255))
+    _text(d, (margin, 6 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
     for j, (x, y) in enumerate(corners):
         r, c = divmod(j, cols)
         ox, oy = margin + c * (size + gap), title_h + r * (size + gap)

@@ -41,6 +41,8 @@ IMAGE_SUFFIXES = (
 #: Resolutions in inches (TIFF) or metres (PNG) are trusted only below this many µm/px:
 #: 72/96/300/600 dpi defaults written by ordinary software are not a physical scale.
 MAX_TRUSTED_DPI_MPP = 20.0
+#: Untiled images (PNG, JPEG, …) are decoded whole; refuse headers claiming more pixels than this.
+MAX_UNTILED_PIXELS = 2**30
 _UNIT_UM = {
     "pm": 1e-6,
     "nm": 1e-3,
@@ -358,6 +360,10 @@ def _open_vips(path: Path, mpp: float | None) -> ArraySlide:
 
     try:
         img = pyvips.Image.new_from_file(str(path), access="sequential")
+        if img.width * img.height > MAX_UNTILED_PIXELS:
+            raise WsigenError(f"{path} claims {img.width}x{img.height} pixels, more than the "
+                              f"{MAX_UNTILED_PIXELS:,} an untiled image may have here (a decompression bomb?); "
+                              "convert it to a tiled pyramidal TIFF")
         if img.interpretation in ("cmyk", "lab", "labs", "lch", "xyz", "scrgb", "hsv"):
             img = img.colourspace("srgb")
         a = img.numpy()

@@ -64,7 +64,28 @@ def open_source(path, mpp: float | None = None, region=None, level: int = 0) -> 
                               f"({slide.width}x{slide.height} at level 0)")
         d = slide.levels[level][2]
         lw, lh = max(1, round(w / d)), max(1, round(h / d))
-        return Source(Path(path), (x, y, w, h), level, lw, lh, slide.mpp * d, slide.sha256(), mpp)
+        src = Source(Path(path), (x, y, w, h), level, lw, lh, slide.mpp * d, slide.sha256(), mpp)
+        # Decode every pixel once before any output exists: truncated files and corrupt tiles
+        # open lazily and would otherwise fail half-way through writing the store.
+        for _ in input_bands(slide, src.describe(), 1024):
+            pass
+        return src
+
+
+def input_bands(slide, inp: dict, rows: int):
+    """(row0, (3, h, w) uint8) bands of the input region; decoding errors become WsigenError."""
+    x, y, _, _ = inp["region"]
+    d = slide.levels[inp["level"]][2]
+    for r0 in range(0, inp["height"], rows):
+        r1 = min(r0 + rows, inp["height"])
+        try:
+            px = slide.read_region(x, y + round(r0 * d), inp["width"], r1 - r0, level=inp["level"])
+        except WsigenError:
+            raise
+        except Exception as e:  # codec errors of many kinds (imagecodecs, OpenSlide, libvips)
+            raise WsigenError(f"cannot decode {slide.path} (rows {r0}–{r1} of level {inp['level']}): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        yield r0, np.ascontiguousarray(px.transpose(2, 0, 1))
 
 
 def factor_from(source: Source, k: int, factor: int | None, target_mpp: float | None) -> int:
@@ -113,14 +134,10 @@ def write_input(store, cfg: dict) -> None:
     with open_image(path, mpp=inp["mpp_given"], require_mpp=False) as slide:
         if slide.sha256() != inp["sha256"]:
             raise WsigenError(f"{path} has changed since the store was started (sha256 differs)")
-        x, y, w, h = inp["region"]
-        d = slide.levels[inp["level"]][2]
         arr = store.stage_array(0)
         rows = max(arr.chunks[1], ROWS_PER_READ // arr.chunks[1] * arr.chunks[1])
-        for r0 in range(0, inp["height"], rows):
-            r1 = min(r0 + rows, inp["height"])
-            px = slide.read_region(x, y + round(r0 * d), inp["width"], r1 - r0, level=inp["level"])
-            store.write_rows(0, r0, np.ascontiguousarray(px.transpose(2, 0, 1)))
+        for r0, band in input_bands(slide, inp, rows):
+            store.write_rows(0, r0, band)
     store.mark_stage_complete(0)
 
 
