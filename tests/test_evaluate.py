@@ -77,6 +77,8 @@ def test_fixed_grid_scores_clearly_above_grid_shift(tmp_path):
                    threads=1)
         final = evaluate.stage_metrics(SlideStore.open(out))[-1]["seams"]
         scores[shift] = (final["fixed_grid"]["score"], final["last_step_grid"]["score"])
+        # every step's grid is scored when the grid shifts (none to score otherwise)
+        assert ("worst_step_grid" in final) == shift
     fixed_run = scores[False][0]
     assert scores[False][0] == scores[False][1]  # without shifting, the last grid is the fixed one
     assert fixed_run > 1.8, scores
@@ -92,8 +94,9 @@ def test_stage_metrics_of_a_gaussian_store(gaussian_store):
     k = 2
     for r in rows[1:]:
         # a pixel-wise model has no seams: both grids score ≈ 1
-        for g in ("fixed_grid", "last_step_grid"):
+        for g in ("fixed_grid", "last_step_grid", "worst_step_grid"):
             assert r["seams"][g]["score"] == pytest.approx(1, abs=0.12), r
+        assert 0 <= r["seams"]["worst_step_grid"]["step"] < 4
         # the streamed guide PSNR equals a direct computation on whole arrays
         a = np.asarray(store.stage_array(r["stage"])[:])
         g = np.asarray(store.stage_array(r["stage"] - 1)[:]).astype(np.float64)

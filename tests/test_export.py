@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import wsigen
 from wsigen.cli import app
 from wsigen.errors import UsageError, WsigenError
-from wsigen.export import Codec, encoded_tiles, export, write_png
+from wsigen.export import Codec, chunk_reader, encoded_tiles, export, write_png
 
 SUFFIX = {"ome-tiff": ".ome.tif", "tiff": ".tif", "svs": ".svs", "dzi": ".dzi", "png": ".png"}
 MPP, SEED, TILE = 0.25, 5, 256
@@ -336,6 +336,26 @@ def test_tiles_stream_band_by_band(levels, tile, chunk):
             assert got[n] == t.tobytes()
             n += 1
     assert n == len(got)
+
+
+def test_chunk_files_and_zarr_bands_give_the_same_tiles(slide, levels):
+    """Tile = chunk: threads decode chunk files themselves; anything else reads zarr bands."""
+    arr = slide.level_array(0)
+    assert chunk_reader(arr) is not None
+    direct = list(encoded_tiles(arr, TILE, Codec("deflate"), workers=2))
+    banded = list(encoded_tiles(Recording(np.asarray(arr[:]), arr.chunks), TILE, Codec("deflate"), 2))
+    assert direct == banded
+
+
+def test_partial_export_of_missing_chunks_gives_the_fill_value(tmp_path):
+    s = make_store(tmp_path / "h.zarr", 512, 512, chunk=256, finalize=False)
+    (s.path / "0" / "c" / "0" / "1" / "0").unlink()
+    ref = np.asarray(s.level_array(0)[:]).transpose(1, 2, 0)  # zarr: fill value where missing
+    assert (ref[256:, :256] == 0).all() and ref[:256].any()
+    for tile in (256, 128):  # chunk files, then zarr bands
+        out = tmp_path / f"h{tile}.tif"
+        export(s.path, out, format="tiff", compression="none", tile=tile, partial=True)
+        assert np.array_equal(tifffile.imread(out), ref)
 
 
 def test_export_memory_is_bounded_by_bands(tmp_path):

@@ -94,6 +94,10 @@ def test_preview_store_figure(store, tmp_path):
     assert img.mode == "RGB" and img.width > 2 * 64
     assert run("preview", store, "-o", out).exit_code == 1  # exists
     assert run("preview", store, "-o", out, "--overwrite", "--zoom", "2", "--panel", "64").exit_code == 0
+    r = run("preview", store, "-o", out, "--overwrite", "--panel", "64", "--colours", "64")
+    assert r.exit_code == 0 and Image.open(out).mode == "P"  # a palette PNG: small files for docs
+    r = run("preview", store, "-o", tmp_path / "f.jpg", "--colours", "64")
+    assert r.exit_code == 2 and "PNG" in r.stderr
 
 
 def test_preview_grid_on_ome_tiff(tmp_path):

@@ -8,7 +8,9 @@ the feature-space half of the memorisation audit (nearest training patch vs held
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import os
 from collections.abc import Callable
@@ -128,6 +130,8 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
         # stage 0 is one unshifted patch; the last step is N − 1
         last = gridshift.grid_offset(seed, l, steps - 1, m, k, shift and l > 0) if m and steps else (0, 0)
         grids = {"fixed_grid": (0, 0), "last_step_grid": last}
+        if m and steps and l > 0 and shift:  # every step's grid: seams left by any one step
+            grids |= {f"step {i}": gridshift.grid_offset(seed, l, i, m, k) for i in range(steps)}
         seams = metrics.SeamCounter(h, w, m, grids, k, levels=l) if m and l > 0 else None
         prev_name = store.stage_name(l - 1) if l > 0 else None
         guide = store.group[prev_name] if prev_name and prev_name in store.group else None
@@ -150,6 +154,13 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
             sc = seams.scores()
             row["seams"] = {"fixed_grid": sc["fixed_grid"],
                             "last_step_grid": {**sc["last_step_grid"], "offset": list(last)}}
+            per_step = [(i, sc[f"step {i}"]) for i in range(steps) if f"step {i}" in sc]
+            per_step = [(i, v) for i, v in per_step if v["score"] is not None]
+            if per_step:
+                i, worst = max(per_step, key=lambda t: t[1]["score"])
+                row["seams"]["worst_step_grid"] = {**worst, "step": i,
+                                                   "offset": list(grids[f"step {i}"])}
+                row["seams"]["mean_step_score"] = float(np.mean([v["score"] for _, v in per_step]))
         else:
             row["seams"] = None
             row["note"] = "one patch (no grid lines)" if l == 0 else "patch size unknown"
@@ -521,14 +532,22 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
         raise UsageError(f"--patches must be at least 2 (got {o.patches})")
     if o.features_arch not in ARCHS:
         raise UsageError(f"--features-arch must be one of {', '.join(ARCHS)} (got {o.features_arch!r})")
-    notes: list[str] = []
     if o.output_dir:
         Path(o.output_dir).mkdir(parents=True, exist_ok=True)
-    slide = open_slide(path)
-    if slide.mpp is None:
-        raise WsigenError(f"{path} does not record its µm/px; evaluation needs it")
-    refs = _open_all(reference, "reference")
-    trains = _open_all(training, "training")
+    with contextlib.ExitStack() as opened:
+        slide = opened.enter_context(open_slide(path))
+        if slide.mpp is None:
+            raise WsigenError(f"{path} does not record its µm/px; evaluation needs it")
+        refs = [opened.enter_context(s) for s in _open_all(reference, "reference")]
+        trains = [opened.enter_context(s) for s in _open_all(training, "training")]
+        report = clean(_report(slide, refs, trains, o, progress))
+    if o.output_dir:
+        (Path(o.output_dir) / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _report(slide, refs, trains, o: Options, progress: Progress | None) -> dict:
+    notes: list[str] = []
     report: dict = {"slide": describe(slide), "options": {
         "patch_size": o.patch_size, "patches": o.patches, "seed": o.seed,
         "references": [str(s.path) for s in refs], "training_data": [str(s.path) for s in trains]}}
@@ -622,13 +641,7 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
     else:
         report["memorisation"] = None
     report["notes"] = notes
-    for s in [slide, *refs, *trains]:
-        s.close()
-    if o.output_dir:
-        import json
-
-        (Path(o.output_dir) / "report.json").write_text(json.dumps(clean(report), indent=2))
-    return clean(report)
+    return report
 
 
 def held_out_split(slide: readers.Slide, fp: float, share: float = 0.2) -> float:

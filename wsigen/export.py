@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -140,11 +141,15 @@ def chunk_reader(arr) -> Callable[[int, int], np.ndarray] | None:
         """The chunk, in this thread's reused buffer (valid until its next call)."""
         buf = _buffer("chunk", shape)
         try:
-            raw = (root / md.encode_chunk_key((0, y, x))).read_bytes()
+            fd = os.open(root / md.encode_chunk_key((0, y, x)), os.O_RDONLY)
         except FileNotFoundError:  # never written (a --partial store): the fill value
             buf.fill(fill)
             return buf
-        imagecodecs.zstd_decode(raw, out=buf.reshape(-1))
+        try:  # decode straight from the page cache (a chunk file is never empty)
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as raw:
+                imagecodecs.zstd_decode(raw, out=buf.reshape(-1))
+        finally:
+            os.close(fd)
         return buf
 
     return read

@@ -56,14 +56,16 @@ def render(report: dict, console) -> None:
 
     if report.get("stages"):
         t = Table(title="Cascade: seams (≈ 1 none, > 1 visible) and guide consistency", title_justify="left")
-        for c in ("stage", "size", "µm/px", "seam: fixed grid", "seam: last step's grid", "offset", "guide PSNR"):
+        for c in ("stage", "size", "µm/px", "seam: fixed grid", "seam: last step's grid", "offset",
+                  "worst step's grid", "guide PSNR"):
             t.add_column(c, justify="right")
         for r in report["stages"]:
             sm = r.get("seams") or {}
-            fx, ls = sm.get("fixed_grid") or {}, sm.get("last_step_grid") or {}
+            fx, ls, ws = (sm.get(g) or {} for g in ("fixed_grid", "last_step_grid", "worst_step_grid"))
             t.add_row(str(r["stage"]), f"{r['width']}×{r['height']}", f"{r['mpp']:g}",
                       _f(fx.get("score")), _f(ls.get("score")),
                       ",".join(map(str, ls["offset"])) if ls.get("offset") else "—",
+                      f"{ws['score']:.3f} (step {ws['step']})" if ws else "—",
                       _f(r.get("guide_psnr_db"), ".1f") + (" dB" if r.get("guide_psnr_db") else ""))
         console.print(t)
 
