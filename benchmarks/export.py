@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 BG = np.array([242, 240, 244], np.float32)
+PERIOD = 16384
 PINK, PURPLE = np.array([232, 160, 200], np.float32), np.array([110, 50, 150], np.float32)
 
 
@@ -85,18 +86,28 @@ def build_store(path: Path, size: int, mpp: float = 0.5, seed: int = 0) -> dict:
     from wsigen.store import CHUNK, SlideStore
 
     rng = np.random.default_rng(seed)
-    noises = [ValueNoise(size, size, c, rng) for c in (2048, 96, 12)]
-    grain = Grain(CHUNK, size, rng)
+    period = min(size, PERIOD)  # larger slides repeat a PERIOD² pattern (cheap to make)
+    noises = [ValueNoise(period, period, c, rng) for c in (2048, 96, 12)]
+    grain = Grain(CHUNK, period, rng)
+    bands: dict[int, np.ndarray] = {}  # each band of the pattern, made once
     info = {"torch_version": torch.__version__,
             "config": {"width": size, "height": size, "mpp": mpp, "model": "benchmark-noise",
                        "seed": seed, "steps": None, "guided_steps": None},
             "key": {"seed": seed}, "model": {"name": "benchmark-noise", "sha256": "0" * 64},
             "seed": seed, "mpp_per_stage": [mpp]}
     t0 = time.perf_counter()
-    s = SlideStore.create(path, stages=[{"index": 0, "height": size, "width": size, "mpp": mpp,
-                                         "path": "0"}], final=(size, size), info=info, overwrite=True)
+    stage = {"index": 0, "height": size, "width": size, "mpp": mpp, "path": "0"}
+    s = SlideStore.create(path, stages=[stage], final=(size, size), info=info, overwrite=True)
     for y in range(0, size, CHUNK):
-        s.write_rows(0, y, tissue_band(noises, grain, y, min(y + CHUNK, size)))
+        p = y % period
+        band = bands.get(p)
+        if band is None:
+            band = tissue_band(noises, grain, p, min(p + CHUNK, period))
+            if size > period:
+                bands[p] = band
+        if size > period:
+            band = np.tile(band, (1, 1, -(-size // period)))[:, :, :size]
+        s.write_rows(0, y, band[:, : min(CHUNK, size - y)])
     s.mark_stage_complete(0)
     t1 = time.perf_counter()
     s.finalize(mpp, path.name)

@@ -358,9 +358,9 @@ def test_partial_export_of_missing_chunks_gives_the_fill_value(tmp_path):
         assert np.array_equal(tifffile.imread(out), ref)
 
 
-def test_export_memory_is_bounded_by_bands(tmp_path):
+def test_export_memory_is_bounded(tmp_path):
     """Peak memory (tracked allocations, modules imported beforehand) stays a small fraction of
-    the level: bands of 256 of 16384 rows, a few tiles in flight."""
+    the level (16384 × 512 px): a few 256² tiles in flight per thread."""
     s = make_store(tmp_path / "tall.zarr", 16384, 512, chunk=256, min_side=1024)
     export(s.path, tmp_path / "warm.ome.tif", compression="deflate", level=3)  # imports
     level_bytes = 3 * 16384 * 512

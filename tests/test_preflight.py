@@ -81,6 +81,31 @@ def test_free_disk_of_a_path_not_yet_created(tmp_path):
     assert where == tmp_path and free > 0
 
 
+@pytest.mark.parametrize("rank, verdict", [(0, None), (1, 1), (1, 0)])
+def test_rank0_decides_for_every_rank(tmp_path, monkeypatch, rank, verdict):
+    """Only rank 0 measures; the others follow its broadcast verdict (no rank waits alone)."""
+    from wsigen import api, checkpoint, sampler
+    from wsigen.cascade import Settings
+
+    class Topo(sampler.Topology):
+        world = 2
+
+        def broadcast(self, values):
+            return values if self.rank == 0 else [verdict]
+
+    topo = Topo()
+    topo.rank = rank
+    monkeypatch.setattr(preflight, "available_memory", lambda: 10**6 if rank == 0 else 10**15)
+    lm = checkpoint.load_model("gaussian", patch=32)
+    plans = plan_stages(64, 64, 32, 2, 1.0)
+    args = (plans, lm, Settings(), __import__("torch").device("cpu"), topo, tmp_path / "x.zarr", 0, None)
+    if rank == 0 or verdict:
+        with pytest.raises(WsigenError, match="not enough memory" if rank == 0 else "rank 0"):
+            api._preflight(*args)
+    else:
+        assert api._preflight(*args) is None
+
+
 def test_sample_refuses_before_writing(tmp_path, monkeypatch):
     """The CLI: exit 1, one line, and no store left behind."""
     monkeypatch.setattr(preflight, "available_memory", lambda: 10**6)

@@ -217,6 +217,20 @@ def test_open_refuses_what_is_not_a_slide_store(tmp_path):
         SlideStore.open(tmp_path / "dir")
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"stages": "../../etc/passwd"}, "stages is not a list"),
+    ({"stages": [{"index": 0, "height": -1, "width": 8, "mpp": 1.0}]}, "stage 0 is malformed"),
+    ({"stages_complete": "all"}, "stages_complete"),
+    ({"complete": "yes"}, "complete is not"),
+    ({"state": {"stage": "x"}}, "state is malformed"),
+])
+def test_damaged_attributes_are_one_clear_error(tmp_path, change, problem):
+    s = make_store(tmp_path / "d.zarr", 64, 64, chunk=64, finalize=False)
+    s.update_info(**change)
+    with pytest.raises(WsigenError, match=f"damaged \\({problem}"):
+        SlideStore.open(s.path)
+
+
 # -- a chunk is written whole or not at all -----------------------------------------------------
 def _chunk_file(s: SlideStore) -> Path:
     return s.path / "0" / "c" / "0" / "0" / "0"

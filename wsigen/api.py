@@ -138,11 +138,14 @@ def _merge_resume(stored: dict, requested: dict) -> dict:
     return dict(stored)
 
 
-def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store) -> None:
-    """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides)."""
+def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
+    """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides).
+
+    Returns rank 0's ``preflight.Needs`` (``state_line()`` says the state per process), else None.
+    """
     from . import preflight
 
-    error = None
+    error = needs = None
     if topo.rank == 0:
         needs = preflight.estimate(
             plans, lm.patch, lm.config["k"], settings.batch,
@@ -159,6 +162,7 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store) -> 
         raise error
     if failed:
         raise WsigenError("pre-flight check failed on rank 0 (see its message)")
+    return needs
 
 
 def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: float | None = None,

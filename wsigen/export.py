@@ -1,9 +1,9 @@
 """Export a slide store as pyramidal OME-TIFF, OpenSlide TIFF, Aperio-style SVS, Deep Zoom or PNG.
 
-Tiles stream from the store's levels a band of tile rows at a time; a thread pool encodes them
-with imagecodecs and tifffile writes the encoded tiles in order, so memory stays bounded by a
-few rows of tiles whatever the image size. Every format records that the slide is synthetic,
-the model hash and the seed.
+Levels are the store's own. Encoder threads read tiles from the store (chunk files when a tile
+is a chunk, else bands of tile rows) and encode them with imagecodecs; tifffile writes the
+encoded tiles in order. At most a few tiles per thread (or two bands) are in memory, whatever
+the image size. Every format records that the slide is synthetic, the model hash and the seed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import threading
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +105,6 @@ def pad_tile(tile: np.ndarray, size: int, out: np.ndarray | None = None) -> np.n
 
 def _bands(arr, rows: int) -> Iterator[np.ndarray]:
     """Bands of ``rows`` image rows, (3, rows, W), the next one read while this one is encoded."""
-    from concurrent.futures import ThreadPoolExecutor
-
     h = arr.shape[1]
     with ThreadPoolExecutor(1) as reader:
         nxt = reader.submit(lambda y: np.asarray(arr[:, y : y + rows, :]), 0)
@@ -135,7 +134,6 @@ def chunk_reader(arr) -> Callable[[int, int], np.ndarray] | None:
         root, shape, fill = Path(store.root) / arr.path, tuple(arr.chunks), arr.fill_value
     except (AttributeError, ImportError, TypeError):
         return None
-    import imagecodecs
 
     def read(y: int, x: int) -> np.ndarray:
         """The chunk, in this thread's reused buffer (valid until its next call)."""
@@ -303,8 +301,9 @@ def write_tiff(path: Path, levels: list, fmt: str, codec: Codec, tile: int, mpp:
     import tifffile
 
     h0, w0 = levels[0].shape[1:]
-    raw = sum(3 * a.shape[1] * a.shape[2] for a in levels)
-    bigtiff = fmt == "ome-tiff" or raw > 2**32 - 2**28  # classic TIFF offsets end at 4 GiB
+    # Classic TIFF offsets end at 4 GiB; padded tiles, uncompressed, bound what is written.
+    raw = sum(3 * -(-a.shape[1] // tile) * -(-a.shape[2] // tile) * tile * tile for a in levels)
+    bigtiff = fmt == "ome-tiff" or raw > 2**32 - 2**28
     common = dict(dtype=np.uint8, tile=(tile, tile), photometric="rgb", planarconfig="contig",
                   resolutionunit="CENTIMETER", metadata=None, software=f"wsigen {__version__}",
                   **codec.tiff_args())

@@ -140,6 +140,28 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _damage(info: dict) -> str | None:
+    """What is wrong with the 'wsigen' attributes the code relies on, or None."""
+    stages = info.get("stages")
+    if not isinstance(stages, list) or not stages:
+        return "stages is not a list"
+    for i, st in enumerate(stages):
+        if not (isinstance(st, dict) and st.get("index") == i
+                and all(isinstance(st.get(k), int) and st[k] > 0 for k in ("height", "width"))
+                and isinstance(st.get("mpp"), int | float) and st["mpp"] > 0):
+            return f"stage {i} is malformed"
+    done = info.get("stages_complete")
+    if not isinstance(done, list) or not all(isinstance(l, int) for l in done):
+        return "stages_complete is not a list of stage numbers"
+    if not isinstance(info.get("complete"), bool):
+        return "complete is not true or false"
+    state = info.get("state")
+    if state is not None and not (isinstance(state, dict) and isinstance(state.get("stage"), int)
+                                  and isinstance(state.get("step"), int)):
+        return "state is malformed"
+    return None
+
+
 class SlideStore:
     """One slide: ``0 … n`` (final image and pyramid), ``stages/l`` (guides), ``state/`` (mid-stage)."""
 
@@ -193,6 +215,10 @@ class SlideStore:
         info = g.attrs.get("wsigen")
         if not isinstance(info, dict) or "stages" not in info or "complete" not in info:
             raise WsigenError(f"{p} is not a wsigen slide store (no 'wsigen' attributes)")
+        problem = _damage(info)
+        if problem:
+            raise WsigenError(f"{p}: the store's 'wsigen' attributes are damaged ({problem}); "
+                              f"sample it again with --overwrite")
         return cls(p, g)
 
     # -- attributes -----------------------------------------------------------------------
@@ -317,7 +343,7 @@ class SlideStore:
             dst = self._array(str(i), shapes[i], c).with_config(_ARRAY_CONFIG)
             h, w = shapes[i]
 
-            def one(yx, src=src, dst=dst, h=h, w=w):
+            def one(yx, src=src, dst=dst, h=h, w=w, i=i):
                 y, x = yx
                 block = np.asarray(src[:, 2 * y : 2 * (y + c), 2 * x : 2 * (x + c)])
                 dst[:, y : y + c, x : x + c] = downsample2(block)[:, : min(c, h - y), : min(c, w - x)]
