@@ -13,20 +13,14 @@ from typing import Annotated
 import click
 import typer
 
+from . import stopping
 from .errors import WsigenError
+from .stopping import Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Synthetic gigapixel H&E whole-slide images with guided, grid-shifted diffusion.")
 model_app = typer.Typer(no_args_is_help=True, help="Create and inspect checkpoints.")
 app.add_typer(model_app, name="model")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into the same clean stop as Ctrl-C (exit 143)."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def err(msg: str) -> None:
@@ -39,16 +33,16 @@ def command(resume_hint=None):
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            old = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
             try:
-                return fn(*args, **kwargs)
+                with stopping.installed():
+                    return fn(*args, **kwargs)
             except WsigenError as e:
                 err(str(e))
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt as e:
                 hint = resume_hint(kwargs) if resume_hint else None
-                err("terminated" if isinstance(e, Terminated) else "interrupted"
-                    + (f"; {hint}" if hint else ""))
+                what = "terminated" if isinstance(e, Terminated) else "interrupted"
+                err(what + (f"; {hint}" if hint else ""))
                 raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
             except OSError as e:
                 err(_os_message(e))
@@ -65,19 +59,10 @@ def command(resume_hint=None):
                 err(f"internal error: {type(e).__name__}: {first} (set WSIGEN_DEBUG=1 for the traceback; "
                     "please report it)")
                 raise typer.Exit(1) from None
-            finally:
-                if old is not None:
-                    signal.signal(signal.SIGTERM, old)
 
         return run
 
     return wrap
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _os_message(e: OSError) -> str:
@@ -237,6 +222,9 @@ _register_commands()
 
 
 def main() -> None:
+    # A file-size limit must surface as EFBIG (handled: clear message, resumable store), not kill us.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         app()
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Fault injection for crash tests (design.md §6): kill this process at a chosen point.
 
-``WSIGEN_FAULT=NAME:N`` makes the N-th call of ``point(NAME, …)`` (counting from 1) send SIGKILL
-to the process itself. With ``WSIGEN_FAULT_RANK=R`` only the worker of rank R (``RANK``) counts.
+``WSIGEN_FAULT=NAME:N[:SIG]`` makes the N-th call of ``point(NAME, …)`` (counting from 1) send
+SIGKILL (or SIG: INT, TERM) to the process itself. With ``WSIGEN_FAULT_RANK=R`` only the worker of rank R (``RANK``) counts.
 Unset, ``point`` costs one dictionary lookup.
 """
 
@@ -17,7 +17,8 @@ def point(name: str, *detail) -> None:
     spec = os.environ.get("WSIGEN_FAULT")
     if not spec:
         return
-    target, _, nth = spec.partition(":")
+    target, _, rest = spec.partition(":")
+    nth, _, sig = rest.partition(":")
     if target != name:
         return
     rank = os.environ.get("WSIGEN_FAULT_RANK")
@@ -25,4 +26,4 @@ def point(name: str, *detail) -> None:
         return
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import faults, gridshift, keys
+from . import faults, gridshift, keys, stopping
 from .canvas import Band, GuideBand, to_uint8
 from .cascade import Settings, StageContext, StagePlan, diffuse, stage_patch_count
 from .checkpoint import LoadedModel
@@ -174,12 +174,19 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
             n = step + 1
             if checkpoint_every and n % checkpoint_every == 0 and n < settings.steps:
                 band = save_state(store, ctx, band, n, topo)
-            if should_stop():
-                raise KeyboardInterrupt
+            faults.point("step", ctx.stage, step)
+            stop = should_stop() or stopping.pending() is not None
+            if topo.world > 1:
+                stop = topo.all_sum(int(stop)) > 0  # every rank stops at the same step
+            if stop:
+                if n < settings.steps and not (checkpoint_every and n % checkpoint_every == 0):
+                    band = save_state(store, ctx, band, n, topo)  # nothing computed is lost
+                stopping.stop_now()
             return band
 
-        band = diffuse(ctx, band, guide, start_step=start, pick_rows=topo.pick_rows,
-                       regroup=topo.regroup, on_patches=on_patches, on_step=on_step)
+        with stopping.graceful():
+            band = diffuse(ctx, band, guide, start_step=start, pick_rows=topo.pick_rows,
+                           regroup=topo.regroup, on_patches=on_patches, on_step=on_step)
         write_stage(store, ctx, band, l == L, final_size, topo)
         del band, guide
         topo.release()
