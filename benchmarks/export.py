@@ -126,7 +126,7 @@ def child_wsigen(store: str, out: str, quality: int, tile: int, workers: int | N
     import imagecodecs  # noqa: F401  (imports outside the clock, as for libvips)
     import tifffile  # noqa: F401
 
-    from wsigen.export import export
+    from wsigen.exporting import export
 
     c0, t0 = cpu_seconds(), time.perf_counter()
     r = export(store, out, format="ome-tiff", compression="jpeg", quality=quality, tile=tile,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import wsigen
 from wsigen.cli import app
 from wsigen.errors import UsageError, WsigenError
-from wsigen.export import Codec, chunk_reader, encoded_tiles, export, write_png
+from wsigen.exporting import Codec, chunk_reader, encoded_tiles, export, write_png
 
 SUFFIX = {"ome-tiff": ".ome.tif", "tiff": ".tif", "svs": ".svs", "dzi": ".dzi", "png": ".png"}
 MPP, SEED, TILE = 0.25, 5, 256
@@ -229,6 +229,7 @@ def test_png_level_pixels_and_metadata(slide, levels, tmp_path):
     text = {k.split("-", 3)[3]: v for k, v in meta.items() if k.startswith("png-comment")}
     w = json.loads(text["wsigen"])
     assert w["synthetic"] is True and w["model_sha256"] == SHA and w["seed"] == SEED
+    assert (w["level"], w["mpp"], w["width"]) == (1, 2 * MPP, 500)
     assert meta["xres"] == pytest.approx(1e3 / (2 * MPP))  # pixels per mm
     r = export(slide.path, tmp_path / "q.png", format="png")  # default: largest ≤ 4096 px
     assert r["level"] == 0
@@ -269,6 +270,7 @@ def test_dzi_pyramid(slide, levels, tmp_path, compression):
         assert tissue_psnr(full, levels[0]) >= 30
     meta = json.loads((files / "wsigen.json").read_text())
     assert meta["synthetic"] is True and meta["model_sha256"] == SHA and meta["seed"] == SEED
+    assert (meta["mpp"], meta["width"], meta["height"], meta["level"]) == (MPP, 1000, 1300, 0)
 
 
 # -- refusals -------------------------------------------------------------------------------------

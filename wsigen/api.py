@@ -11,7 +11,7 @@ import torch
 from . import __version__, cascade, checkpoint, sampler
 from .cascade import Settings
 from .errors import UsageError, WsigenError
-from .export import export  # noqa: F401  (re-exported: wsigen.export)
+from .exporting import export  # noqa: F401  (re-exported: wsigen.export)
 from .store import SlideStore, info  # noqa: F401  (info re-exported: wsigen.info)
 
 # Options that form a slide's configuration (stored in the store; --resume reuses them).

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ):
         """Export a store as pyramidal OME-TIFF, OpenSlide TIFF, Aperio SVS, Deep Zoom or PNG."""
-        from ..export import export as run_export
+        from ..exporting import export as run_export
 
         s = run_export(store, output, format=format, compression=compression, quality=quality,
                        tile=tile, level=level, max_size=max_size, partial=partial,

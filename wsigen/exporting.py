@@ -13,10 +13,8 @@ import math
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import threading
-import types
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -431,8 +429,8 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     first = pick_level(shapes, level, max_size)
     arrays = arrays[first:]
     mpp = s.mpp * shapes[0][1] / shapes[first][1]
-    meta = provenance(s)
-    meta["level"] = first
+    meta = provenance(s)  # describes what is exported: its level, µm/px and size
+    meta.update(level=first, mpp=mpp, height=shapes[first][0], width=shapes[first][1])
     name = Path(s.path).name
 
     if fmt in ("ome-tiff", "tiff", "svs"):
@@ -466,13 +464,3 @@ def _size(p: Path) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size if p.exists() else 0
-
-
-class _CallableModule(types.ModuleType):
-    """``wsigen.export`` is this module once imported; calling it calls :func:`export`."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
