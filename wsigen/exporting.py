@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 import imagecodecs
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .errors import UsageError, WsigenError
 from .store import SlideStore, bounded_map, default_workers, downsample2
 
@@ -164,7 +164,7 @@ def encoded_tiles(arr, tile: int, codec: Codec, workers: int) -> Iterator[bytes]
             return codec.encode(pad_tile(t, tile, _buffer("tile", (tile, tile, 3))))
 
         cells = ((y, x) for y in range(0, h, tile) for x in range(0, w, tile))
-        return bounded_map(one, cells, workers, 4 * workers)
+        return _fault_points(bounded_map(one, cells, workers, 4 * workers))
     rows = math.lcm(tile, chunk) if math.lcm(tile, chunk) <= 4 * max(tile, chunk) else tile
 
     def tiles():
@@ -173,8 +173,14 @@ def encoded_tiles(arr, tile: int, codec: Codec, workers: int) -> Iterator[bytes]
                 for x in range(0, band.shape[2], tile):
                     yield band[:, ty : ty + tile, x : x + tile]
 
-    return bounded_map(lambda t: codec.encode(pad_tile(t, tile, _buffer("tile", (tile, tile, 3)))),
-                       tiles(), workers, 4 * workers)
+    return _fault_points(bounded_map(lambda t: codec.encode(pad_tile(t, tile, _buffer("tile", (tile, tile, 3)))),
+                                     tiles(), workers, 4 * workers))
+
+
+def _fault_points(tiles: Iterator[bytes]) -> Iterator[bytes]:
+    for t in tiles:
+        faults.point("export-tile")
+        yield t
 
 
 # -- metadata ------------------------------------------------------------------------------------

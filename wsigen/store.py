@@ -228,6 +228,7 @@ class SlideStore:
 
     def update_info(self, **changes) -> None:
         """Rewrite the 'wsigen' attributes (zarr.json is replaced atomically, like a chunk)."""
+        faults.point("metadata")
         self.group.attrs["wsigen"] = {**self.info, **changes}
 
     @property
@@ -369,6 +370,7 @@ class SlideStore:
         if gaps:
             raise WsigenError(f"{self.path}: chunks missing after writing ({gaps}); the store is damaged")
         self.group.attrs["ome"] = ngff_attrs(shapes, mpp, name)
+        faults.point("metadata")  # between the NGFF metadata and the completion flag
         if drop_stages and "stages" in self.group:
             del self.group["stages"]
         if "state" in self.group:  # a checkpoint left by a run killed while writing it
