@@ -361,9 +361,11 @@ def _open_vips(path: Path, mpp: float | None) -> ArraySlide:
     try:
         img = pyvips.Image.new_from_file(str(path), access="sequential")
         if img.width * img.height > MAX_UNTILED_PIXELS:
-            raise WsigenError(f"{path} claims {img.width}x{img.height} pixels, more than the "
-                              f"{MAX_UNTILED_PIXELS:,} an untiled image may have here (a decompression bomb?); "
-                              "convert it to a tiled pyramidal TIFF")
+            raise WsigenError(
+                f"{path} claims {img.width}x{img.height} pixels, more than the "
+                f"{MAX_UNTILED_PIXELS:,} an untiled image may have here (a decompression bomb?); "
+                "convert it to a tiled pyramidal TIFF"
+            )
         if img.interpretation in ("cmyk", "lab", "labs", "lch", "xyz", "scrgb", "hsv"):
             img = img.colourspace("srgb")
         a = img.numpy()

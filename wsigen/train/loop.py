@@ -551,7 +551,16 @@ def train(
                     be.copy_(bn)
             losses.append(float(loss.detach()))
             n_log += cfg.batch
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            timed_out = cfg.time_limit is not None and time.time() - t_start >= cfg.time_limit
+            signum = stop.signum
+            if world > 1:  # every rank must stop at the same step, or the others wait forever
+                flags = acc.reduce(
+                    torch.tensor([float(timed_out), float(signum or 0)], device=acc.device),
+                    reduction="max",
+                )
+                timed_out, signum = bool(flags[0]), int(flags[1]) or None
+            last = step == cfg.max_steps or timed_out or signum is not None
+            if step % cfg.log_every == 0 or last:
                 mean = float(acc.gather(torch.tensor([np.mean(losses)], device=acc.device)).mean())
                 rate = n_log / max(time.time() - t_log, 1e-9)
                 if main:
@@ -571,14 +580,6 @@ def train(
                         )
                 bar.update(step, mean, rate)
                 losses, t_log, n_log = [], time.time(), 0
-            timed_out = cfg.time_limit is not None and time.time() - t_start >= cfg.time_limit
-            signum = stop.signum
-            if world > 1:  # every rank must stop at the same step, or the others wait forever
-                flags = acc.reduce(
-                    torch.tensor([float(timed_out), float(signum or 0)], device=acc.device),
-                    reduction="max",
-                )
-                timed_out, signum = bool(flags[0]), int(flags[1]) or None
             if cfg.preview_every and step % cfg.preview_every == 0:
                 preview()
             if step - last_ckpt >= cfg.checkpoint_every or timed_out or signum is not None:
