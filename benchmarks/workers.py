@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,12 +28,14 @@ def run(model: str, size: int, steps: int, workers: int, out: Path) -> dict:
            "--device", "cpu", "--threads", "1", "--workers", str(workers), "--no-skip-background",
            "-o", str(out), "--json"]
     env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
-    t = time.perf_counter()
+    t, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - ru.ru_utime) + (after.ru_stime - ru.ru_stime)
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return {"workers": workers, "wall_s": wall, "summary": json.loads(r.stdout)}
+    return {"workers": workers, "wall_s": wall, "cpu_s": cpu, "summary": json.loads(r.stdout)}
 
 
 def same_pixels(a: Path, b: Path) -> bool:
@@ -112,6 +115,8 @@ def main() -> None:
     print(f"{a.size}², {a.steps} steps, UNet width {a.width} mults {a.mults}, patch {a.patch}")
     print(f"1 process × 1 thread : {one['wall_s']:.1f} s")
     print(f"2 workers × 1 thread : {two['wall_s']:.1f} s  → speedup {speedup:.2f}× (goal ≥ 1.7×)")
+    print(f"CPU time             : {one['cpu_s']:.1f} s for 1 process, {two['cpu_s']:.1f} s for 2 "
+          f"workers (+{two['cpu_s'] / one['cpu_s'] - 1:.0%}: the parallel overhead)")
     print(f"machine capacity     : {cap:.2f}× for 2 processes now ({cap_before:.2f} before, "
           f"{cap_after:.2f} after; 2.00 when idle) → speedup / capacity = {speedup / cap:.0%}")
     print(f"exchange per step    : {mib(ex['bytes_per_step'])} over all boundaries "
@@ -127,7 +132,8 @@ def main() -> None:
           f"({os.cpu_count()} cores; > 0.5 means other jobs shared the machine)")
     save("workers", {"size": a.size, "steps": a.steps, "patch": a.patch, "arch": arch,
                      "one_process_s": one["wall_s"], "two_workers_s": two["wall_s"],
-                     "speedup": speedup,
+                     "speedup": speedup, "one_process_cpu_s": one["cpu_s"],
+                     "two_workers_cpu_s": two["cpu_s"],
                      "goal": 1.7, "identical_bytes": identical, "exchange": ex,
                      "predicted_bytes_per_step": predicted, "capacity_two_processes": cap,
                      "capacity_before_after": [cap_before, cap_after],

@@ -236,3 +236,22 @@ def test_torchrun_job_joins(tmp_path):
     launch.sample(tmp_path / "one.zarr", 128, workers=1, model="gaussian", patch=32, steps=3,
                   device="cpu", threads=1)
     same_store(tmp_path / "one.zarr", tmp_path / "t.zarr")
+
+
+@pytest.mark.parametrize("sig,code", [("INT", 130), ("TERM", 143)])
+def test_signal_to_one_worker_stops_all_at_one_step_and_resumes(tmp_path, sig, code):
+    """A signal finishes the step on every rank, saves the state there, exits 130/143."""
+    env = {**os.environ, "WSIGEN_NO_PROGRESS": "1", "WSIGEN_FAULT": f"step:5:{sig}",
+           "WSIGEN_FAULT_RANK": "1"}
+    args = ["sample", "--model", "gaussian", "--patch", "32", "--size", "96", "--steps", "6",
+            "--device", "cpu", "--threads", "1"]
+    r = subprocess.run([WSIGEN, *args, "--workers", "2", "-o", str(tmp_path / "s.zarr")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and "--resume -o" in r.stderr.splitlines()[-1]
+    info = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["wsigen"]
+    assert info["state"] == {"stage": 0, "step": 5}  # rank 1's 5th step, saved by both ranks
+    launch.sample(tmp_path / "s.zarr", workers=3, device="cpu", resume=True)
+    launch.sample(tmp_path / "one.zarr", 96, workers=1, model="gaussian", patch=32, steps=6,
+                  device="cpu", threads=1)
+    same_store(tmp_path / "one.zarr", tmp_path / "s.zarr")

@@ -197,18 +197,13 @@ def _spawn(job: Job) -> dict:
         for p in procs:
             p.start()
         stopped: set[int] = set()
-        try:
-            _watch(procs, stopped, multiprocessing.connection.wait)
-        except KeyboardInterrupt as e:
-            if type(e).__name__ != "Terminated":  # Ctrl-C reached the workers too: let them stop
-                multiprocessing.connection.wait([p.sentinel for p in procs], timeout=2.0)
-            _stop(procs, stopped, signal.SIGTERM)
-            _watch(procs, stopped, multiprocessing.connection.wait, stopping=True)
-            raise
+        interrupt = _watch(procs, stopped, multiprocessing.connection.wait)
         reports = _reports(jobdir, job.nprocs)
     if job.count is not None and (Path(job.output) / MANIFEST).is_file():
         # the statuses say what the stores say, also after a failed worker
         write_manifest(Path(job.output), json.loads((Path(job.output) / MANIFEST).read_text()))
+    if interrupt is not None:
+        raise interrupt
     codes = {r: p.exitcode for r, p in enumerate(procs)}
     if any(codes.values()) or any(not (reports.get(r) or {}).get("ok") for r in codes):
         raise _job_error(job, reports, codes, stopped)
@@ -218,22 +213,39 @@ def _spawn(job: Job) -> dict:
 GRACE_S = 15.0  # after a failure: how long the other workers get to stop before SIGKILL
 
 
-def _watch(procs, stopped: set[int], wait, stopping: bool = False) -> None:
-    """Wait for every worker; at the first non-zero exit stop the others (SIGTERM, then SIGKILL)."""
+def _watch(procs, stopped: set[int], wait) -> KeyboardInterrupt | None:
+    """Wait for every worker; at the first non-zero exit stop the others (SIGTERM, then SIGKILL).
+
+    Workers sit in their own process group, so Ctrl-C and SIGTERM reach only this process, which
+    passes each on: the first lets every worker finish its step and save the state (the ranks
+    agree on the step), a second stops them at once. Returns the interrupt to re-raise, if any.
+    """
     import time
 
     running = {p.sentinel: r for r, p in enumerate(procs) if p.exitcode is None}
-    deadline = time.monotonic() + GRACE_S if stopping else None
+    deadline, interrupt = None, None
     while running:
-        for sentinel in wait(list(running), timeout=0.5):
-            r = running.pop(sentinel)
-            procs[r].join()
-            if procs[r].exitcode != 0 and deadline is None:
-                _stop(procs, stopped, signal.SIGTERM)
+        try:
+            for sentinel in wait(list(running), timeout=0.5):
+                r = running.pop(sentinel)
+                procs[r].join()
+                code = procs[r].exitcode
+                # 130/143: an interrupted worker; the ranks agree on stopping by themselves
+                if code not in (0, 130, 143) and deadline is None and interrupt is None:
+                    _stop(procs, stopped, signal.SIGTERM)
+                    deadline = time.monotonic() + GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                _stop(procs, stopped, signal.SIGKILL)
+                deadline = float("inf")
+        except KeyboardInterrupt as e:
+            from .stopping import Terminated
+
+            sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            _stop(procs, set(), sig)
+            if interrupt is not None and deadline is None:  # the second: stop now
                 deadline = time.monotonic() + GRACE_S
-        if deadline is not None and time.monotonic() > deadline:
-            _stop(procs, stopped, signal.SIGKILL)
-            deadline = float("inf")
+            interrupt = interrupt or e
+    return interrupt
 
 
 def _stop(procs, stopped: set[int], sig) -> None:
@@ -278,9 +290,11 @@ def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
     first = min(failed, key=lambda r: (why(r)[0], r))
     order, msg, code = why(first)
     if order in (2, 6):  # interrupted: the CLI says so and how to resume
-        from .cli import Terminated
+        from .stopping import Terminated
 
-        raise Terminated() if code == 143 else KeyboardInterrupt()
+        # the ranks stop together; if any was sent SIGTERM, the job was terminated
+        terminated = any(why(r)[2] == 143 for r in failed if why(r)[0] in (2, 6))
+        raise Terminated() if terminated else KeyboardInterrupt()
     hint = _resume_hint(job)
     if order in (0, 5):
         text = f"worker rank {first} of {n} {msg}; the other workers were stopped. {hint}"
@@ -299,21 +313,25 @@ def _resume_hint(job: Job) -> str:
 
 def _spawned(job: Job, rank: int, env: dict) -> None:
     """Body of a worker started by ``_spawn``: the launcher's environment, run, report, exit."""
+    from . import stopping
+
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    _reset_signals()
-    _rank_main(job, joined=False)
+    os.setpgrp()  # terminal signals go to the launcher, which passes them on once
+    _die_with_parent()
+    with stopping.installed():  # like the CLI: a first signal finishes the step and saves
+        _rank_main(job, joined=False)
 
 
-def _reset_signals() -> None:
-    """A worker stops on SIGTERM like the CLI does (exit 143, store resumable)."""
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker if the launching process dies (it left the terminal's group)."""
+    import ctypes
+    import ctypes.util
 
-    def on_term(signum, frame):
-        from .cli import Terminated
-
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _rank_main(job: Job, joined: bool) -> dict | None:
@@ -366,7 +384,7 @@ def _classify(e: BaseException) -> tuple[str, int]:
     if isinstance(e, PeerLost):
         return "lost", 1
     if isinstance(e, KeyboardInterrupt):
-        from .cli import Terminated
+        from .stopping import Terminated
 
         return "interrupted", 143 if isinstance(e, Terminated) else 130
     if isinstance(e, WsigenError):
