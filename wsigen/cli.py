@@ -82,7 +82,7 @@ def _sample_hint(kw) -> str:
 def _skip_note(s: dict) -> str:
     if not s.get("skipped"):
         return ""
-    return f" ({s['skipped'] / max(s['patches'], 1):.0%} of patch steps skipped as glass)"
+    return f" ({s['skipped'] / max(s['patches'], 1):.1%} of patch steps skipped as glass)"
 
 
 def _emit(summary: dict, as_json: bool, line: str) -> None:
