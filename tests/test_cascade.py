@@ -8,8 +8,8 @@ from wsigen import api
 from wsigen.canvas import Band, GuideBand, from_uint8, to_uint8
 from wsigen.cascade import Settings, StageContext, _Segment, diffuse, initial_band, plan_stages
 from wsigen.checkpoint import load_model
-from wsigen.guidance import avgpool
 from wsigen.gridshift import Patch
+from wsigen.guidance import avgpool
 from wsigen.nets import GaussianDenoiser
 from wsigen.store import SlideStore
 

@@ -3,26 +3,14 @@ finishing the work gives the uninterrupted result (chunk kills: tests/test_resum
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from clitools import wsigen
 
 ARGS = ["sample", "--model", "gaussian", "--patch", "32", "--size", "80x64", "--steps", "3", "--seed", "2",
         "--device", "cpu", "--threads", "1"]
-
-
-def wsigen(*args, fault=None):
-    env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
-    env.pop("WSIGEN_FAULT", None)
-    if fault:
-        env["WSIGEN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-c", "from wsigen.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120)
 
 
 def arrays(path):

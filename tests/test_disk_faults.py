@@ -3,28 +3,12 @@ complete, and a store that resumes to the uninterrupted bytes once space is back
 
 from __future__ import annotations
 
-import os
-import resource
-import subprocess
-import sys
-
 import numpy as np
 import zarr
+from clitools import wsigen
 
 ARGS = ["sample", "--model", "gaussian", "--patch", "32", "--size", "96", "--steps", "4", "--seed", "1",
         "--device", "cpu", "--threads", "1"]
-
-
-def wsigen(*args, fsize=None):
-    env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
-    env.pop("WSIGEN_FAULT", None)
-
-    def limit():
-        if fsize:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    return subprocess.run([sys.executable, "-c", "from wsigen.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=120, preexec_fn=limit)
 
 
 def test_file_size_limit_then_resume(tmp_path):

@@ -7,20 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from clitools import SVS
+from clitools import invoke as run
 
 from wsigen import api, evaluate, metrics, readers
-from wsigen.cli import app
 from wsigen.store import SlideStore
-
-SVS = "tests/data/cmu_small_region.svs"
-runner = CliRunner()
-
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in r.output + (r.stderr or "")
-    return r
 
 
 @pytest.fixture(scope="module")

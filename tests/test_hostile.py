@@ -17,7 +17,7 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from wsigen.checkpoint import DEFAULTS, FORMAT, META_KEY, init_model
+from wsigen.checkpoint import META_KEY
 from wsigen.cli import app
 
 G = ["--model", "gaussian", "--patch", "32", "--steps", "2"]

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from clitools import SVS
+from clitools import invoke as run
 from PIL import Image
-from typer.testing import CliRunner
 
 from wsigen import preview, readers
-from wsigen.cli import app
-
-SVS = "tests/data/cmu_small_region.svs"
-runner = CliRunner()
-
-
-def run(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in r.output + (r.stderr or "")
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""Ways tests run the command line: in-process through CliRunner, or as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from wsigen.cli import app
+
+SVS = str(Path(__file__).parent / "data" / "cmu_small_region.svs")
+_runner = CliRunner()
+
+
+def invoke(*args):
+    """Run ``wsigen ARGS`` in-process; a traceback in the output fails the test."""
+    r = _runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.output + (r.stderr or "")
+    return r
+
+
+def wsigen(*args, fault: str | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``wsigen ARGS`` in a fresh process, optionally with a fault point or a file-size limit."""
+    env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
+    env.pop("WSIGEN_FAULT", None)
+    if fault:
+        env["WSIGEN_FAULT"] = fault
+
+    def limit():
+        if fsize:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([sys.executable, "-c", "from wsigen.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=180, preexec_fn=limit)
