@@ -25,7 +25,6 @@ bench:
 
 lint:
 	$(BIN)/ruff check wsigen tests benchmarks
-	$(BIN)/ruff format --check wsigen tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -8,8 +8,8 @@ import tempfile
 import time
 
 import torch
-
 from common import save
+
 from wsigen import api, checkpoint
 
 

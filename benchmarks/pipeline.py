@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import torch
-
 from common import save
+
 from wsigen.canvas import GuideBand
 from wsigen.cascade import Settings, StageContext, diffuse, initial_band
 from wsigen.nets import GaussianDenoiser

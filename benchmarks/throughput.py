@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import save
+
 from wsigen.checkpoint import build_denoiser, make_config
 from wsigen.planning import measure_throughput
+
 
 def configs() -> dict:
     """The bundled default model's architecture, and a UNet of about 30 GFLOP per 512² patch."""

@@ -343,7 +343,8 @@ def test_killed_pyramid_then_finalize_is_byte_identical(tmp_path):
     """WSIGEN_FAULT=pyramid-chunk:N kills finalize midway (a real SIGKILL); finalizing again gives
     the same bytes as an uninterrupted finalize."""
     s = make_store(tmp_path / "p.zarr", 1300, 1000, finalize=False)
-    child = f"from wsigen.store import SlideStore; SlideStore.open({str(s.path)!r}, 'r+').finalize(0.5, 'p', min_side=256)"
+    child = (f"from wsigen.store import SlideStore; "
+             f"SlideStore.open({str(s.path)!r}, 'r+').finalize(0.5, 'p', min_side=256)")
     env = {**os.environ, "WSIGEN_FAULT": "pyramid-chunk:5"}
     r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, timeout=120)
     assert r.returncode == -9, r.stderr.decode()

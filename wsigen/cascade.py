@@ -254,7 +254,7 @@ def diffuse(
     """
     s = ctx.settings
     t = edm.karras_sigmas(s.schedule())
-    r, m, k = s.guided_steps, ctx.patch, ctx.k
+    r, m = s.guided_steps, ctx.patch
     heun = s.solver == "heun"
     mpp = torch.tensor([ctx.mpp], dtype=torch.float32, device=ctx.device)
     glass_map = None

@@ -243,7 +243,8 @@ def aperio_description(meta: dict, width: int, height: int, tile: int, codec: Co
               "Synthetic": "true", "Software": f"wsigen {__version__}", "Model": meta["model"],
               "ModelSHA256": meta["model_sha256"], "Seed": meta["seed"],
               "Complete": str(meta["complete"]).lower()}
-    head = f"Aperio Image Library wsigen {__version__}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) {comp}"
+    head = (f"Aperio Image Library wsigen {__version__}\r\n"
+            f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) {comp}")
     return head + "".join(f"|{k} = {_ascii(v)}" for k, v in fields.items())
 
 

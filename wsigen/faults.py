@@ -1,7 +1,8 @@
 """Fault injection for crash tests (design.md §6): kill this process at a chosen point.
 
 ``WSIGEN_FAULT=NAME:N[:SIG]`` makes the N-th call of ``point(NAME, …)`` (counting from 1) send
-SIGKILL (or SIG: INT, TERM) to the process itself. With ``WSIGEN_FAULT_RANK=R`` only the worker of rank R (``RANK``) counts.
+SIGKILL (or SIG: INT, TERM) to the process itself. With ``WSIGEN_FAULT_RANK=R`` only the
+worker of rank R (``RANK``) counts.
 Unset, ``point`` costs one dictionary lookup.
 """
 
