@@ -249,6 +249,8 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
 
         up.write_input(store, cfg)
     topo.barrier()
+    if cfg.get("input") and topo.rank != 0:
+        store = SlideStore.open(out, mode="r+")  # zarr caches attributes: see stage 0 as complete
     stats = sampler.run(store, lm, plans, settings, cfg["seed"], dev, (cfg["height"], cfg["width"]),
                         topo=topo, progress=progress, checkpoint_every=checkpoint_every)
     if topo.rank == 0:
