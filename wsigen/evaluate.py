@@ -511,15 +511,9 @@ def pairs_figure(gen: PatchSet, train: PatchSet, d: np.ndarray, idx: np.ndarray,
 
 
 def _device(name: str):
-    import torch
+    from .api import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise WsigenError("--device cuda: no CUDA device is available (use --device cpu)")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu, cuda or auto (got {name})")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def evaluate(path, reference=(), training=(), options: Options | None = None,

@@ -152,7 +152,7 @@ class Slide:
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels [y, y+h) × [x, x+w) of ``level`` in that level's coordinates, inside the image."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} does not implement _read")
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Like ``_read`` but any box: what lies outside the image is background."""
