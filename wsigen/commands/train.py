@@ -139,6 +139,13 @@ def train_command(
     seed: Annotated[
         int | None, typer.Option(help="Seed of initial weights, patches and noise. (default 0)")
     ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from the weights of this model (fine-tuning; same --width/--mults), "
+            "e.g. 'default'."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto. (default auto)")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from DIR/train-state exactly.")
@@ -181,6 +188,7 @@ def train_command(
         preview_every=preview_every,
         checkpoint_every=checkpoint_every,
         seed=seed,
+        init_from=init_from,
         device=device,
     )
     state = "finished" if summary["finished"] else "stopped (resume with --resume)"

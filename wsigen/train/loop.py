@@ -72,6 +72,7 @@ class TrainConfig:
     sample_steps: int = 40
     sample_guided_steps: int | None = None
     seed: int = 0
+    init_from: str | None = None
     max_steps: int = 10000
     time_limit: float | None = None
     checkpoint_every: int = 500
@@ -378,6 +379,26 @@ def _resolve(
     return cfg.validate(), None
 
 
+def init_weights(net: torch.nn.Module, spec: str, ckpt_cfg: dict) -> str:
+    """Start ``net`` from the weights of model ``spec`` (fine-tuning); same architecture only.
+
+    Returns the training-data line of the new checkpoint, which names the starting model.
+    """
+    base = checkpoint.load_model(spec)
+    if base.config["arch"] != ckpt_cfg["arch"]:
+        theirs = {k: v for k, v in base.config["arch"].items() if ckpt_cfg["arch"].get(k) != v}
+        raise UsageError(
+            f"--init-from {spec}: its network differs from this run's "
+            f"({', '.join(f'{k}={v}' for k, v in sorted(theirs.items()))}); give the same "
+            "--width/--mults as the model"
+        )
+    net.load_state_dict(base.denoiser.state_dict())
+    return (
+        f"fine-tuned from {base.name} (sha256 {base.sha256[:16]}…, trained on "
+        f"{base.config.get('training_data') or 'unknown data'}) on {ckpt_cfg['training_data']}"
+    )
+
+
 def train(
     slides,
     out,
@@ -462,6 +483,8 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # initial weights: a pure function of the seed
         net = checkpoint.build_denoiser(ckpt_cfg)
+    if cfg.init_from is not None:  # on resume the saved weights replace these below
+        ckpt_cfg["training_data"] = init_weights(net, cfg.init_from, ckpt_cfg)
     ema = checkpoint.build_denoiser(ckpt_cfg).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     opt = torch.optim.AdamW(
