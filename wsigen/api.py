@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import __version__, cascade, checkpoint, sampler
+from . import __version__, accel, cascade, checkpoint, sampler
 from .cascade import Settings
 from .errors import UsageError, WsigenError
 from .exporting import export  # noqa: F401  (re-exported: wsigen.export)
@@ -17,7 +18,8 @@ from .store import SlideStore, info  # noqa: F401  (info re-exported: wsigen.inf
 # Options that form a slide's configuration (stored in the store; --resume reuses them).
 CONFIG_KEYS = ("width", "height", "mpp", "model", "patch", "seed", "steps", "guided_steps", "solver",
                "batch", "precision", "grid_shift", "skip_background", "background_tolerance",
-               "sigma_min", "sigma_max", "rho", "device_type", "threads")
+               "sigma_min", "sigma_max", "rho", "device_type", "threads", "state_dtype", "channels_last",
+               "compile")
 DEFAULT_BG_TOLERANCE = 4.0  # grey levels
 KEY_KEYS = tuple(k for k in CONFIG_KEYS if k != "model") + ("model_sha256",)
 
@@ -63,7 +65,10 @@ def settings_of(cfg: dict) -> Settings:
                     batch=cfg["batch"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"],
                     rho=cfg["rho"], precision=cfg["precision"], grid_shift=cfg["grid_shift"],
                     skip_background=cfg["skip_background"],
-                    background_tolerance=cfg["background_tolerance"]).validate()
+                    background_tolerance=cfg["background_tolerance"],
+                    state_dtype=cfg.get("state_dtype", "float32"),
+                    channels_last=bool(cfg.get("channels_last", False)),
+                    compile=bool(cfg.get("compile", False))).validate()
 
 
 def check_mpp_range(plans, model_cfg: dict, allow_extrapolation: bool) -> None:
@@ -100,6 +105,10 @@ def build_config(model: checkpoint.LoadedModel, model_spec: str, requested: dict
         "background_tolerance": float(requested.get("background_tolerance", DEFAULT_BG_TOLERANCE)),
         "sigma_min": mc["sigma_min"], "sigma_max": mc["sigma_max"], "rho": mc["rho"],
         "device_type": device.type, "threads": threads if device.type == "cpu" else None,
+        "state_dtype": requested.get("state_dtype", "float32"),
+        # NHWC pays off on GPUs (tensor cores); on CPU it is slower for these small convolutions
+        "channels_last": bool(requested.get("channels_last", device.type == "cuda")),
+        "compile": bool(requested.get("compile", False)),
     }
     if not cfg["mpp"] > 0 or cfg["mpp"] == float("inf"):
         raise UsageError(f"--mpp must be a positive number (got {cfg['mpp']:g})")
@@ -152,6 +161,7 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
             sum(p.numel() for p in lm.denoiser.parameters()), world=topo.world,
             processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
             checkpoint=checkpoint_every > 0, device_type=dev.type,
+            state_bytes=settings.state_torch_dtype.itemsize,
             on_disk=store.disk_bytes() if store is not None else 0)
         try:
             preflight.check(needs, out)
@@ -168,7 +178,8 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
 def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: float | None = None,
            seed: int | None = None, steps: int | None = None, guided_steps: int | None = None,
            solver: str | None = None, batch: int | None = None, device: str = "auto",
-           patch: int | None = None, precision: str | None = None, grid_shift: bool | None = None,
+           patch: int | None = None, precision: str | None = None, state_dtype: str | None = None,
+           channels_last: bool | None = None, compile: bool | None = None, grid_shift: bool | None = None,
            skip_background: bool | None = None, background_tolerance: float | None = None,
            threads: int | None = None, overwrite: bool = False, resume: bool = False,
            allow_extrapolation: bool = False, drop_stages: bool = False,
@@ -182,7 +193,8 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
     requested = {k: v for k, v in dict(
         size=size, mpp=mpp, seed=seed, steps=steps, guided_steps=guided_steps, solver=solver,
         batch=batch, precision=precision, grid_shift=grid_shift, skip_background=skip_background,
-        background_tolerance=background_tolerance, threads=threads, patch=patch,
+        background_tolerance=background_tolerance, threads=threads, patch=patch, state_dtype=state_dtype,
+        channels_last=channels_last, compile=compile,
         model=model).items() if v is not None}
     dev = resolve_device(device)
     topo = topology or sampler.Topology()
@@ -230,7 +242,8 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         log(f"{cfg['width']}x{cfg['height']} px at {cfg['mpp']:g} µm/px: L = {len(plans) - 1}, "
             f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
             f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
-    lm.denoiser.to(dev)
+    lm = replace(lm, denoiser=accel.prepare(lm.denoiser, dev, channels_last=settings.channels_last,
+                                            compile=settings.compile))
     if store is None:
         info = {"torch_version": torch.__version__, "config": cfg, "seed": cfg["seed"],
                 "key": {k: cfg.get(k) for k in KEY_KEYS},

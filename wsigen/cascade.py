@@ -70,6 +70,14 @@ class Settings:
     grid_shift: bool = True
     skip_background: bool = False
     background_tolerance: float = 0.0
+    state_dtype: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def state_torch_dtype(self) -> torch.dtype:
+        """The dtype the state (x of every pixel) is held in between steps."""
+        return torch.float16 if self.state_dtype == "float16" else torch.float32
 
     def schedule(self) -> edm.Schedule:
         return edm.Schedule(self.steps, self.sigma_min, self.sigma_max, self.rho)
@@ -85,6 +93,8 @@ class Settings:
             raise UsageError(f"--batch must be at least 1 (got {self.batch})")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise UsageError(f"--precision must be fp32, bf16 or fp16 (got {self.precision})")
+        if self.state_dtype not in ("float32", "float16"):
+            raise UsageError(f"--state-dtype must be float32 or float16 (got {self.state_dtype})")
         return self
 
 
@@ -106,6 +116,15 @@ class StageContext:
     guided: bool = True  # False for stage 0
     shift: bool = True
     stats: dict = field(default_factory=lambda: {"evaluations": 0, "patches": 0, "skipped": 0})
+    _staging: dict = field(default_factory=dict, repr=False)
+
+    def staging(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reused page-locked host buffer for moving a segment between the host state and the
+        accelerator (asynchronous copies need pinned memory; one buffer per segment shape)."""
+        buf = self._staging.get(shape)
+        if buf is None:
+            buf = self._staging[shape] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        return buf
 
     def offsets(self, step: int) -> tuple[int, int]:
         return gridshift.grid_offset(self.seed, self.stage, step, self.patch, self.k, self.shift)
@@ -120,8 +139,9 @@ def stage_patch_count(ctx: StageContext, step: int) -> int:
     return len(rows) * len(cols)
 
 
-#: Patches of one row handled as one tensor (rounded up to whole batches of the network).
-SEGMENT_PATCHES = 32
+#: Pixels of one row segment handled as one tensor (at least one network batch; rounded to
+#: whole batches). 2¹⁹ px = 128 patches of 64², one batch of 512².
+SEGMENT_PIXELS = 1 << 19
 
 # Hook type: given the band and the canvas rows the next step needs, return a band holding them.
 Regroup = Callable[[Band, int, int], Band]
@@ -141,6 +161,23 @@ def _autocast(ctx: StageContext):
     return torch.autocast(device_type=ctx.device.type, dtype=dtype)
 
 
+def segment_cap(batch: int, patch: int) -> int:
+    """Most patches in one row segment: whole batches, about SEGMENT_PIXELS, at least one batch."""
+    return batch * max(1, SEGMENT_PIXELS // (patch * patch * batch))
+
+
+def row_segments(n: int, batch: int, patch: int) -> list[tuple[int, int]]:
+    """Split a row of n patches into near-equal segments of whole network batches.
+
+    The split depends only on (n, batch, patch), so with background skipping the batches a
+    segment forms (its non-glass patches, left to right) are the same in every process.
+    """
+    cap = segment_cap(batch, patch)
+    parts = -(-n // cap)
+    per = -(-(-(-n // parts)) // batch) * batch
+    return [(a, min(a + per, n)) for a in range(0, n, per)]
+
+
 def to_patches(strip: torch.Tensor, m: int) -> torch.Tensor:
     """(C, M, n·M) strip → (n, C, M, M) patches."""
     c, _, w = strip.shape
@@ -153,15 +190,27 @@ def to_strip(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 0, 3).reshape(c, m, n * m)
 
 
+def pad_noise(ctx: StageContext, step: int) -> torch.Tensor:
+    """ε of the padding at step ``step``: one (1, 3, M, M) draw keyed by (seed, stage, step).
+
+    Every padded patch of the step uses it. No network sees two patches at once, so what each
+    patch sees is unchanged from independent draws, at one draw per step instead of one per
+    padded patch (docs/architecture.md, "Padding noise").
+    """
+    m = ctx.patch
+    eps = keys.normal((3, m, m), ctx.seed, keys.PAD_NOISE, ctx.stage, step)
+    return torch.from_numpy(eps).to(ctx.device)[None]
+
+
 class _Segment:
     """Consecutive patches of one patch row as one (n, 3, M, M) tensor: gather, pad, guide, scatter.
 
-    Everything but the network works on the whole segment at once (one reshape to gather, one to
-    scatter); padding is b + t·ε with ε keyed by (seed, stage, step, patch position).
+    Everything but the network works on the whole segment at once (one strided copy to gather,
+    one to scatter); padding is b + t·ε (``pad_noise``), set only in the patches that have any.
     """
 
     def __init__(self, ctx: StageContext, step: int, y0: int, xs: list[int], band: Band,
-                 guide: GuideBand | None):
+                 guide: GuideBand | None, eps: torch.Tensor | None = None):
         self.ctx, self.band, self.y0, self.x0 = ctx, band, y0, xs[0]
         m, k, dev, n = ctx.patch, ctx.k, ctx.device, len(xs)
         assert all(b - a == m for a, b in zip(xs, xs[1:], strict=False)), "a segment is contiguous"
@@ -170,16 +219,14 @@ class _Segment:
         self.xa, self.xb = max(self.x0, 0), min(self.x0 + n * m, ctx.width)
         self.bg = torch.tensor(ctx.background, dtype=torch.float32, device=dev).reshape(1, 3, 1, 1)
         self.mask = self.eps = None
-        padded = [not (y0 >= 0 and y0 + m <= ctx.height and x0 >= 0 and x0 + m <= ctx.width) for x0 in xs]
-        if any(padded):
+        padded = [j for j, x0 in enumerate(xs)
+                  if not (y0 >= 0 and y0 + m <= ctx.height and x0 >= 0 and x0 + m <= ctx.width)]
+        self._pads = _runs(padded)  # a prefix and/or a suffix of the segment, or all of it
+        if padded:
             mask = torch.zeros(1, m, n * m, dtype=torch.bool)
             mask[:, self.ya - y0 : self.yb - y0, self.xa - self.x0 : self.xb - self.x0] = True
-            eps = torch.zeros(n, 3, m, m)
-            for j, x0 in enumerate(xs):
-                if padded[j]:
-                    eps[j] = torch.from_numpy(keys.normal((3, m, m), ctx.seed, keys.PAD_NOISE,
-                                                          ctx.stage, step, y0, x0))
-            self.mask, self.eps = to_patches(mask, m).to(dev), eps.to(dev)
+            self.mask = to_patches(mask, m).to(dev)
+            self.eps = eps if eps is not None else pad_noise(ctx, step)
         self.y = None
         if guide is not None:
             mk = m // k
@@ -187,31 +234,83 @@ class _Segment:
             g[:] = self.bg.cpu().reshape(3, 1, 1)
             src = guide.data[:, self.ya // k - guide.y0 : self.yb // k - guide.y0, self.xa // k : self.xb // k]
             g[:, (self.ya - y0) // k : (self.yb - y0) // k, (self.xa - self.x0) // k : (self.xb - self.x0) // k] = (
-                torch.from_numpy(np.ascontiguousarray(src)).to(torch.float32) / 127.5 - 1)
+                torch.from_numpy(np.ascontiguousarray(src)).to(torch.float32).mul_(1 / 127.5).sub_(1))
             self.y = to_patches(g, mk).to(dev)
 
-    def _window(self):
-        return (slice(None), slice(self.ya - self.y0, self.yb - self.y0),
-                slice(self.xa - self.x0, self.xb - self.x0))
+    def _pieces(self):
+        """(patch slice, column slice within the patch, canvas column slice) covering the valid
+        columns: one piece for the patches lying wholly inside, one for each cut patch."""
+        m, x0, n = self.ctx.patch, self.x0, self.n
+        first = 0 if x0 >= 0 else 1  # first patch wholly inside, and one past the last
+        last = min(n, (self.ctx.width - x0) // m)
+        out = []
+        if first > 0:
+            right = min(x0 + m, self.ctx.width)
+            out.append((slice(0, 1), slice(-x0, right - x0), slice(0, right)))
+        if last > first:
+            out.append((slice(first, last), slice(0, m), slice(x0 + first * m, x0 + last * m)))
+        if last < n and (last > 0 or first == 0):
+            a = x0 + last * m
+            out.append((slice(last, last + 1), slice(0, self.ctx.width - a), slice(a, self.ctx.width)))
+        return out
+
+    def _copies(self, x: torch.Tensor):
+        """Pairs (patch view, band view) of the valid region, both shaped (3, rows, j, cols)."""
+        rows = self.band.rows(self.ya, self.yb)
+        ry = slice(self.ya - self.y0, self.yb - self.y0)
+        for js, cs, bs in self._pieces():
+            pv = x[js].permute(1, 2, 0, 3)[:, ry, :, cs]
+            c, r, j, w = pv.shape
+            yield pv, rows[:, :, bs].reshape(c, r, j, w) if j == 1 else rows[:, :, bs].unflatten(2, (j, w))
+
+    def _remote(self) -> bool:
+        """The network runs on an accelerator while the state stays in host memory."""
+        return self.ctx.device.type == "cuda" and self.band.data.device.type == "cpu"
 
     def gather(self, t: float) -> torch.Tensor:
-        m = self.ctx.patch
-        strip = torch.empty(3, m, self.n * m, dtype=torch.float32, device=self.ctx.device)
+        m, n = self.ctx.patch, self.n
+        remote = self._remote()
+        if remote:  # assemble in pinned host memory, then one asynchronous upload
+            x = self.ctx.staging((n, 3, m, m))
+        else:
+            x = torch.empty(n, 3, m, m, dtype=torch.float32, device=self.band.data.device)
         if self.mask is not None:
-            strip.zero_()
-        strip[self._window()] = self.band.rows(self.ya, self.yb)[:, :, self.xa : self.xb]
-        return self.reset(to_patches(strip, m), t)
+            x.zero_()
+        for pv, bv in self._copies(x):
+            pv.copy_(bv)
+        if remote:
+            x = x.to(self.ctx.device, non_blocking=True)
+        return self.reset(x, t)
 
     def reset(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """Padding is not state: set it to b + t·ε for the noise level of the next evaluation."""
+        """Padding is not state: set it (in place) to b + t·ε for the next evaluation's noise level."""
         if self.mask is None:
             return x
-        return torch.where(self.mask, x, self.bg + t * self.eps)
+        fill = self.bg + t * self.eps
+        for a, b in self._pads:
+            x[a:b] = torch.where(self.mask[a:b], x[a:b], fill)
+        return x
 
     def scatter(self, x: torch.Tensor) -> None:
         """Write back only the valid region; whatever the step computed in the padding is discarded."""
-        rows = self.band.rows(self.ya, self.yb)
-        rows[:, :, self.xa : self.xb] = to_strip(x)[self._window()].to(rows.device)
+        if self._remote():  # one download into pinned memory (stream-ordered after the upload)
+            host = self.ctx.staging(tuple(x.shape))
+            host.copy_(x, non_blocking=True)
+            torch.cuda.current_stream(x.device).synchronize()
+            x = host
+        for pv, bv in self._copies(x):
+            bv.copy_(pv)
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices → maximal runs [a, b)."""
+    runs: list[tuple[int, int]] = []
+    for j in idx:
+        if runs and runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], j + 1)
+        else:
+            runs.append((j, j + 1))
+    return runs
 
 
 class GlassMap:
@@ -261,17 +360,18 @@ def diffuse(
     if s.skip_background and guide is not None and ctx.guided:
         bg_u8 = tuple(int(round((v + 1) * 127.5)) for v in ctx.background)
         glass_map = GlassMap(guide, bg_u8, s.background_tolerance)
-    seg_len = s.batch * max(1, -(-SEGMENT_PATCHES // s.batch))  # whole batches per segment
     for i in range(start_step, s.steps):
         rows, cols = ctx.grid(i)
         mine = pick_rows(rows) if pick_rows else rows
         band = regroup(band, *gridshift.row_span(mine, m, ctx.height))
         project_now = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
+        eps = pad_noise(ctx, i)
+        segments = row_segments(len(cols), s.batch, m)
         for y0 in mine:
-            for a in range(0, len(cols), seg_len):
-                xs = cols[a : a + seg_len]
+            for a, b in segments:
+                xs = cols[a:b]
                 glass = [glass_map.is_glass(Patch(y0, x0, m), ctx) for x0 in xs] if glass_map else None
-                _advance(ctx, i, t, y0, xs, glass, band, guide, project_now, heun, mpp)
+                _advance(ctx, i, t, y0, xs, glass, band, guide, project_now, heun, mpp, eps)
             if on_patches:
                 on_patches(i, len(cols))
         if on_step:
@@ -281,29 +381,37 @@ def diffuse(
 
 def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], glass: list[bool] | None,
              band: Band, guide: GuideBand | None, project_now: bool, heun: bool,
-             mpp: torch.Tensor) -> None:
+             mpp: torch.Tensor, eps: torch.Tensor | None = None) -> None:
     """One solver step for consecutive patches of one row, written back in place.
 
     The network sees fixed batches of ``settings.batch`` non-glass patches, left to right;
     glass patches take u = A†y without the network.
     """
-    from .guidance import pinv, project
+    from .guidance import pinv, project_
 
     glass_idx = [j for j, g in enumerate(glass) if g] if glass else []
     active = [j for j in range(len(xs)) if not glass or not glass[j]]
-    seg = _Segment(ctx, i, y0, xs, band, guide if (project_now or glass_idx) else None)
+    seg = _Segment(ctx, i, y0, xs, band, guide if (project_now or glass_idx) else None, eps)
     b = ctx.settings.batch
     chunks = [active[c : c + b] for c in range(0, len(active), b)]
 
     def denoise(x, sigma):
-        u = torch.empty_like(x)
+        sig = torch.tensor([sigma], device=ctx.device)
         with torch.no_grad(), _autocast(ctx):
-            for idx in chunks:
-                sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
-                u[sel] = ctx.denoiser(x[sel], torch.tensor([sigma], device=ctx.device), mpp).float()
+            if len(chunks) == 1 and len(active) == len(xs):
+                u = ctx.denoiser(x, sig, mpp).float()
+            else:
+                u = torch.empty_like(x)
+                for idx in chunks:
+                    sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
+                    u[sel] = ctx.denoiser(x[sel], sig, mpp).float()
         if glass_idx:
             u[glass_idx] = pinv(seg.y[glass_idx], ctx.k)
-        return project(u, seg.y, ctx.k) if project_now else u
+        if project_now:
+            if u.data_ptr() == x.data_ptr():
+                u = u.clone()
+            project_(u, seg.y, ctx.k)
+        return u
 
     x = seg.gather(t[i])
     x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=seg.reset)
@@ -316,5 +424,5 @@ def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], 
 def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu") -> Band:
     """x_0 = σ_max·ε for canvas rows [y0, y1), ε keyed per tile (design.md §2)."""
     eps = keys.initial_noise(ctx.seed, ctx.stage, ctx.height, ctx.width, y0, y1)
-    data = torch.from_numpy(eps).mul_(ctx.settings.sigma_max).to(state_device)
+    data = torch.from_numpy(eps).mul_(ctx.settings.sigma_max).to(state_device, ctx.settings.state_torch_dtype)
     return Band(ctx.height, ctx.width, y0, y1, data)

@@ -18,7 +18,7 @@ from .errors import WsigenError
 from .gridshift import split_even
 from .sampler import Progress, Span, Topology, hull
 
-ROW_BYTES = 3 * 4  # float32 RGB
+ROW_BYTES = 3 * 4  # float32 RGB (a float16 state moves half)
 
 
 class PeerLost(WsigenError):
@@ -81,10 +81,10 @@ class DistTopology(Topology):
 
     # -- the band buffer ------------------------------------------------------------------
     def allocate(self, height: int, width: int, y0: int, y1: int, reserve: Span,
-                 device="cpu") -> Band:
+                 device="cpu", dtype: torch.dtype = torch.float32) -> Band:
         """A buffer over every row the band may hold this stage, so shifts move no local rows."""
         r0, r1 = hull([reserve, (y0, y1)])
-        self._buf, self._base = torch.empty(3, r1 - r0, width, device=device), r0
+        self._buf, self._base = torch.empty(3, r1 - r0, width, device=device, dtype=dtype), r0
         self.stats["max_buffer_rows"] = max(self.stats["max_buffer_rows"], r1 - r0)
         return self._view(height, y0, y1)
 
@@ -115,7 +115,7 @@ class DistTopology(Topology):
             return
         if self._buf is not None:  # grow, keeping the reserve
             r0, r1 = hull([(r0, r1), (self._base, self._base + self._buf.shape[1])])
-        self._buf, self._base = torch.empty(3, r1 - r0, band.width, device=old.device), r0
+        self._buf, self._base = torch.empty(3, r1 - r0, band.width, device=old.device, dtype=old.dtype), r0
         self.stats["max_buffer_rows"] = max(self.stats["max_buffer_rows"], r1 - r0)
         self._view(band.height, band.y0, band.y1).data.copy_(old)
 
@@ -136,7 +136,7 @@ class DistTopology(Topology):
                 ops.append(dist.P2POp(dist.isend, t, q))
                 sent += t.numel() * t.element_size()
             elif q == self.rank:
-                t = torch.empty(3, b - a, band.width, device=self.comm_device)
+                t = torch.empty(3, b - a, band.width, device=self.comm_device, dtype=band.data.dtype)
                 recvs.append((a, b, t))
                 ops.append(dist.P2POp(dist.irecv, t, p))
         if ops:

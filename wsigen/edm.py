@@ -98,14 +98,23 @@ def solver_step(
     ``reset(x, t)`` lets the caller restore non-state pixels (padding) before the second
     evaluation. Returns the new x and the number of denoiser evaluations made.
     """
-    d_cur = (x - denoise(x, t_cur)) / t_cur  # slope at t_i
-    x_next = x + (t_next - t_cur) * d_cur  # Euler step
+    u = denoise(x, t_cur)
+    x_next = torch.lerp(u, x, t_next / t_cur)  # Euler: x + (t_next − t_cur)·(x − u)/t_cur
     if not heun or t_next == 0:
         return x_next, 1
     if reset is not None:
         x_next = reset(x_next, t_next)
-    d_next = (x_next - denoise(x_next, t_next)) / t_next  # slope at t_{i+1}
-    return x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next), 2  # trapezoidal correction
+    u2 = denoise(x_next, t_next)
+    # Trapezoid x + h/2·(d_cur + d_next) with d = (x − u)/t, h = t_next − t_cur, as one linear
+    # combination of x, u, x_next, u2 accumulated in place in u2 (four passes, no temporaries).
+    h = t_next - t_cur
+    c, e = h / (2 * t_cur), h / (2 * t_next)
+    mine = {t.untyped_storage().data_ptr() for t in (x, x_next, u)}
+    out = (u2.clone() if u2.untyped_storage().data_ptr() in mine else u2).mul_(-e)
+    out.add_(x_next, alpha=e)
+    out.add_(x, alpha=1 + c)
+    out.add_(u, alpha=-c)
+    return out, 2
 
 
 def evaluations_per_diffusion(steps: int, heun: bool) -> int:

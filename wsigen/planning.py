@@ -68,7 +68,10 @@ def memory_per_rank(height: int, width: int, patch: int, k: int, world: int, bat
     rows = -(-height // world) + patch  # a band plus the rows a shift can move into it
     state = 3 * rows * width * state_bytes
     guide = 3 * (-(-rows // k) + patch // k) * (-(-width // k))
-    buffers = 8 * batch * 3 * patch * patch * 4  # x, u, slopes, noise, mask, guide, copies
+    from .cascade import segment_cap
+
+    # one row segment's x, u, x_next, u2, padding mask and guide, plus the network's batch copies
+    buffers = 8 * segment_cap(batch, patch) * 3 * patch * patch * 4
     model = params * 4
     return {"state": state, "guide": guide, "buffers": buffers, "model": model,
             "total": state + guide + buffers + model}

@@ -17,7 +17,7 @@ from .cascade import StagePlan
 from .errors import WsigenError
 
 RUNTIME_BYTES = 512 * 2**20  # interpreter, torch, zarr and codec buffers (≈ 0.4 GB measured on CPU)
-STATE_DTYPE_OPTION = False  # set when `--state-dtype float16` exists, so the hint names it
+STATE_DTYPE_OPTION = True  # `--state-dtype float16` exists, so the hint names it
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Needs:
     height: int
     world: int  # processes in the job
     processes_here: int  # of those, on this machine
-    state_per_rank: int  # the float32 state band one process holds in the last stage
+    state_per_rank: int  # the state band one process holds in the last stage
     guide_per_rank: int
     buffers: int  # batch buffers (on the accelerator when there is one)
     model: int
@@ -36,6 +36,7 @@ class Needs:
     host_per_process: int  # what each process needs in host memory
     disk: dict  # stages, level0, pyramid, state, total
     disk_needed: int  # total less what the store already holds (resume)
+    state_dtype: str = "float32"
 
     @property
     def host_total(self) -> int:
@@ -44,7 +45,7 @@ class Needs:
     def state_line(self) -> str:
         """One line for the log: the state each process holds."""
         share = "" if self.world == 1 else f", 1/{self.world} of the canvas"
-        return (f"state per process: {gb(self.state_per_rank)} (float32 band of "
+        return (f"state per process: {gb(self.state_per_rank)} ({self.state_dtype} band of "
                 f"{self.width}x{self.height}{share})")
 
 
@@ -74,7 +75,8 @@ def estimate(plans: list[StagePlan], patch: int, k: int, batch: int, params: int
                  processes_here=processes_here or world, state_per_rank=mem["state"],
                  guide_per_rank=mem["guide"], buffers=mem["buffers"], model=mem["model"],
                  runtime=RUNTIME_BYTES, host_per_process=host, disk=disk,
-                 disk_needed=max(0, disk["total"] - on_disk))
+                 disk_needed=max(0, disk["total"] - on_disk),
+                 state_dtype="float16" if state_bytes == 2 else "float32")
 
 
 def available_memory() -> int:
@@ -108,12 +110,12 @@ def check(needs: Needs, out: str | os.PathLike, *, memory: int | None = None,
         more = -(-total_state // fits) if fits > 0 else None
         ways = ["spread the state over more processes on more GPUs or machines (--gpus N / --workers N: "
                 f"about {gb(total_state)}/N each" + (f", N ≥ {more}" if more and more > n.world else "") + ")"]
-        if STATE_DTYPE_OPTION and n.state_per_rank:
+        if STATE_DTYPE_OPTION and n.state_per_rank and n.state_dtype == "float32":
             ways.append("a float16 state (--state-dtype float16) halves it")
         ways.append("a smaller --size")
         raise WsigenError(
             f"not enough memory for {size}: each process needs about {gb(n.host_per_process)} "
-            f"(float32 state band {gb(n.state_per_rank)}, guide {gb(n.guide_per_rank)}, other "
+            f"({n.state_dtype} state band {gb(n.state_per_rank)}, guide {gb(n.guide_per_rank)}, other "
             f"{gb(others - n.guide_per_rank)}), {n.processes_here} process(es) here → "
             f"{gb(n.host_total)}, {gb(memory)} available; ways out: " + "; ".join(ways)
             + " (WSIGEN_PREFLIGHT=0 skips this check)")

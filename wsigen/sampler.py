@@ -37,9 +37,9 @@ class Topology:
         return band
 
     def allocate(self, height: int, width: int, y0: int, y1: int, reserve: Span,
-                 device: str | torch.device = "cpu") -> Band:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Band:
         """An uninitialised band of rows [y0, y1); ``reserve``: every row it may hold this stage."""
-        return Band(height, width, y0, y1, torch.empty(3, y1 - y0, width, device=device))
+        return Band(height, width, y0, y1, torch.empty(3, y1 - y0, width, device=device, dtype=dtype))
 
     def release(self) -> None:
         """Forget the stage's buffers."""
@@ -212,7 +212,8 @@ def _initial_band(store: SlideStore, ctx: StageContext, topo: Topology, start: i
     spans.append(topo.stage_rows(arr.shape[1], arr.chunks[1]))
     if checkpoint_every:
         spans.append(topo.stage_rows(ctx.height, _state_chunk(ctx)))
-    band = topo.allocate(ctx.height, ctx.width, y0, y1, hull(spans), state_device)
+    band = topo.allocate(ctx.height, ctx.width, y0, y1, hull(spans), state_device,
+                         ctx.settings.state_torch_dtype)
     if resume:
         x = store.group["state/x"]
         for a, b in _tile_rows(y0, y1, x.chunks[1]):
@@ -231,7 +232,7 @@ def _state_array(store: SlideStore):
 
 
 def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo: Topology) -> Band:
-    """Write the float32 state after ``step`` steps, chunk-aligned per process, then record it."""
+    """Write the state (as float32) after ``step`` steps, chunk-aligned per process, then record it."""
     arr = store.begin_state(ctx.stage, ctx.height, ctx.width) if topo.rank == 0 else None
     topo.barrier()
     if arr is None:
@@ -240,7 +241,7 @@ def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo
     band = topo.regroup(band, a, b, kind="state")
     for y in range(a, b, arr.chunks[1]):
         e = min(y + arr.chunks[1], b)
-        arr[:, y:e, :] = band.rows(y, e).cpu().numpy()
+        arr[:, y:e, :] = band.rows(y, e).float().cpu().numpy()
         faults.point("state-chunk", y)
     topo.barrier()
     if topo.rank == 0:

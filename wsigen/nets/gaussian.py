@@ -24,4 +24,5 @@ class GaussianDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor | None = None):
         s2 = sigma.to(torch.float32).reshape(-1, 1, 1, 1) ** 2
         t2 = self.std**2
-        return (t2 * x + s2 * self.mean) / (t2 + s2)
+        gain = t2 / (t2 + s2)  # D = gain·x + (1 − gain)·μ: one pass over x
+        return torch.addcmul((1 - gain) * self.mean, x, gain)

@@ -1,0 +1,52 @@
+"""Making the denoiser fast on its device: channels-last memory format and torch.compile.
+
+Both change which kernels run, so both belong to the reproducibility key (``cascade.Settings``):
+the same options give the same bytes, eager and compiled runs may differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .errors import WsigenError
+
+#: torch.compile backend; tests set WSIGEN_COMPILE_BACKEND=eager to check the wiring quickly.
+BACKEND_ENV = "WSIGEN_COMPILE_BACKEND"
+
+
+class ChannelsLast(nn.Module):
+    """Feed the wrapped network NHWC-strided inputs (its weights are converted once)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor | None = None):
+        return self.net(x.contiguous(memory_format=torch.channels_last), sigma, mpp)
+
+
+def has_compiler() -> bool:
+    """torch.compile's default backend (inductor) builds C++ on CPU: it needs a compiler."""
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++"))
+
+
+def prepare(denoiser: nn.Module, device: torch.device, *, channels_last: bool = False,
+            compile: bool = False) -> nn.Module:
+    """The denoiser on ``device`` in eval mode, optionally channels-last and/or compiled."""
+    net = denoiser.to(device).eval()
+    if channels_last:
+        net = ChannelsLast(net)
+    if compile:
+        backend = os.environ.get(BACKEND_ENV, "inductor")
+        if backend == "inductor" and device.type == "cpu" and not has_compiler():
+            raise WsigenError("--compile on CPU needs a C++ compiler (g++ or clang++) for torch.compile; "
+                              "install one (e.g. apt install g++) or drop --compile")
+        # Batches have a fixed size (--batch), so static shapes: one graph, plus one per short
+        # tail batch at most.
+        net = torch.compile(net, backend=backend, dynamic=False)
+    return net
