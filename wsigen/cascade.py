@@ -28,8 +28,12 @@ class StagePlan:
     mpp: float
 
 
+def ceil_div(n: int, k: int) -> int:
+    return -(-n // k)
+
+
 def ceil_to(n: int, k: int) -> int:
-    return -(-n // k) * k
+    return ceil_div(n, k) * k
 
 
 def num_stages(width: int, height: int, patch: int, k: int) -> int:
@@ -173,8 +177,8 @@ def row_segments(n: int, batch: int, patch: int) -> list[tuple[int, int]]:
     segment forms (its non-glass patches, left to right) are the same in every process.
     """
     cap = segment_cap(batch, patch)
-    parts = -(-n // cap)
-    per = -(-(-(-n // parts)) // batch) * batch
+    parts = ceil_div(n, cap)
+    per = ceil_div(ceil_div(n, parts), batch) * batch
     return [(a, min(a + per, n)) for a in range(0, n, per)]
 
 
