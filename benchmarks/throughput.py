@@ -1,5 +1,5 @@
 """Denoiser throughput: patches/s at 512² for the default architecture and a ~30 GFLOP UNet,
-per precision and batch size, on the device at hand."""
+per precision, batch size and variant (eager, channels-last, torch.compile), on the device at hand."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import argparse
 import torch
 from common import save
 
+from wsigen import accel
 from wsigen.checkpoint import build_denoiser, make_config
 from wsigen.planning import measure_throughput
 
@@ -36,20 +37,27 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=512)
     ap.add_argument("--batches", default=None, help="comma-separated [default: 1,4 on CPU; 1,8,32 on GPU]")
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--variants", default="eager,channels-last,compile",
+                    help="comma-separated among eager, channels-last, compile, compile+channels-last")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = ["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16"]
     batches = [int(b) for b in (a.batches or ("1,8,32" if dev.type == "cuda" else "1")).split(",")]
     rows = []
     for name, arch in configs().items():
-        net = build_denoiser(make_config(arch, patch=a.patch)).to(dev).eval()
-        gf = flops(net, a.patch, dev) / 1e9
-        for prec in precisions:
-            for b in batches:
-                tp = measure_throughput(net, a.patch, b, dev, prec, seconds=a.seconds)
-                rows.append({"config": name, "gflop_per_patch": gf, "precision": prec, "batch": b,
-                             "patches_per_s": tp, "device": dev.type})
-                print(f"{name:>13} ({gf:6.1f} GFLOP/patch) {prec} batch {b:>3}: {tp:8.2f} patches/s")
+        base = build_denoiser(make_config(arch, patch=a.patch)).to(dev).eval()
+        gf = flops(base, a.patch, dev) / 1e9
+        for variant in a.variants.split(","):
+            net = accel.prepare(build_denoiser(make_config(arch, patch=a.patch)), dev,
+                                channels_last="channels-last" in variant, compile="compile" in variant)
+            for prec in precisions:
+                for b in batches:
+                    # the first call of a compiled net compiles it (excluded: measure_throughput warms up)
+                    tp = measure_throughput(net, a.patch, b, dev, prec, seconds=a.seconds)
+                    rows.append({"config": name, "gflop_per_patch": gf, "precision": prec, "batch": b,
+                                 "variant": variant, "patches_per_s": tp, "device": dev.type})
+                    print(f"{name:>13} ({gf:6.1f} GFLOP/patch) {variant:>22} {prec} batch {b:>3}: "
+                          f"{tp:8.2f} patches/s", flush=True)
     save(f"throughput-{dev.type}", {"patch": a.patch, "rows": rows})
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import pyvips
 import tifffile
+import torch
 from typer.testing import CliRunner
 
 from wsigen import api
@@ -144,3 +145,79 @@ def test_cli_json(tmp_path):
              "-o", tmp_path / "o.zarr", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["width"] == 32
+
+
+# -- worker processes: the same bytes for any number ---------------------------------------
+def _arrays(path) -> dict[str, np.ndarray]:
+    """Every array of a store (all stages, level 0 and the pyramid), by name."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(a[:]) for name, a in g.members(max_depth=None) if isinstance(a, zarr.Array)}
+
+
+def _same_arrays(a, b) -> None:
+    assert SlideStore.open(a).complete and SlideStore.open(b).complete
+    x, y = _arrays(a), _arrays(b)
+    assert sorted(x) == sorted(y) and "stages/0" in x
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+@pytest.mark.timeout(120)
+def test_workers_same_bytes_as_one_process(tmp_path, tiny_model):
+    # The PNG is written and decoded with libvips in this process before the workers are forked:
+    # the case that hung when a forked worker decoded it again.
+    inp = _png(tmp_path / "in.png", _tissue(24, 40))
+    opts = dict(factor=4, mpp=2.0, model=str(tiny_model), steps=4, guided_steps=3, threads=1,
+                device="cpu", batch=3, checkpoint_every=2)
+    one = api.upscale(inp, tmp_path / "w1.zarr", workers=1, **opts)
+    two = api.upscale(inp, tmp_path / "w2.zarr", workers=2, **opts)
+    assert (two["width"], two["height"], two["L"], two["workers"]) == (160, 96, 2, 2)
+    assert two["exchange"]["bytes_per_step"] > 0 and two["evaluations"] == one["evaluations"]
+    _same_arrays(tmp_path / "w1.zarr", tmp_path / "w2.zarr")
+    assert SlideStore.open(tmp_path / "w2.zarr").info["config"]["input"]["file"] == "in.png"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault,rank,done", [("stage:1", "1", [0, 1]),  # after stage 1
+                                             ("metadata:1", "0", [])])  # input written, not marked
+def test_cli_workers_killed_then_resumed(tmp_path, monkeypatch, fault, rank, done):
+    inp = _png(tmp_path / "in.png", _tissue(48, 40))
+    args = [inp, "--mpp", "2", "--factor", "4", "--model", "gaussian", "--patch", "32", "--steps", "4",
+            "--threads", "1"]
+    r = _cli(*args, "--workers", "1", "--device", "cpu", "-o", tmp_path / "ref.zarr")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "x.zarr"
+    monkeypatch.setenv("WSIGEN_FAULT", fault)
+    monkeypatch.setenv("WSIGEN_FAULT_RANK", rank)
+    r = _cli(*args, "--workers", "2", "--device", "cpu", "-o", out)
+    monkeypatch.delenv("WSIGEN_FAULT")
+    assert r.exit_code == 1, r.output
+    assert f"worker rank {rank} of 2 was killed by SIGKILL" in r.stderr
+    assert f"wsigen upscale {inp} --resume -o {out} --workers 2" in r.stderr
+    info = SlideStore.open(out).info
+    assert not info["complete"] and info["stages_complete"] == done
+    r = _cli(inp, "--resume", "-o", out, "--workers", "2", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["workers"] == 2
+    _same_arrays(tmp_path / "ref.zarr", out)
+
+
+@pytest.mark.parametrize("args,code", [(["--gpus", "1", "--device", "cpu"], 2),
+                                       (["--gpus", "2", "--workers", "3"], 2),
+                                       (["--workers", "0"], 2)])
+def test_cli_bad_worker_options(tmp_path, args, code):
+    inp = _png(tmp_path / "in.png", _tissue(16, 16))
+    r = _cli(inp, "--mpp", "1", "--model", "gaussian", "--patch", "32", "-o", tmp_path / "x.zarr", *args)
+    assert r.exit_code == code, r.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 64, reason="needs fewer than 64 GPUs")
+def test_cli_more_gpus_than_devices(tmp_path):
+    inp = _png(tmp_path / "in.png", _tissue(16, 16))
+    r = _cli(inp, "--mpp", "1", "--model", "gaussian", "--patch", "32", "--gpus", "64",
+             "-o", tmp_path / "x.zarr")
+    assert r.exit_code == 1 and "64" in r.stderr and "CUDA device" in r.stderr
+    assert not (tmp_path / "x.zarr").exists()

@@ -132,6 +132,22 @@ def sample(output, size=None, *, workers: int | None = None, gpus: int | None = 
            overwrite: bool = False, progress=None, log=None, split: str = "auto",
            **options) -> dict:
     """``api.sample`` on one or many processes, for one slide or ``count`` slides."""
+    job = make_job(output, size, workers=workers, gpus=gpus, count=count, device=device,
+                   resume=resume, overwrite=overwrite, progress=progress, log=log, split=split,
+                   **options)
+    return run_job(job)
+
+
+def make_job(output, size=None, *, workers: int | None = None, gpus: int | None = None,
+             count: int | None = None, device: str = "auto", resume: bool = False,
+             overwrite: bool = False, progress=None, log=None, split: str = "auto",
+             command: str = "wsigen sample", **options) -> Job:
+    """Resolve the processes and check the options (errors come here, before any work).
+
+    ``command`` starts the resume hint of a failed job (``wsigen upscale IN`` for upscaling).
+    ``wsigen.upscale`` calls this before it reads its input, then adds the input to
+    ``job.options`` and runs the job with ``run_job``.
+    """
     options = {k: v for k, v in options.items() if v is not None}
     if size is not None:
         options["size"] = size
@@ -145,13 +161,19 @@ def sample(output, size=None, *, workers: int | None = None, gpus: int | None = 
                              f"(WORLD_SIZE={ext}), "
                              f"but {'--gpus' if gpus else '--workers'} {n} was asked")
         dev = "cuda" if gpus else device
-        job = Job(str(output), options, count, dev, ext, resume, overwrite, split, None,
-                  progress, log)
-        return _rank_main(job, joined=True)
+        return Job(str(output), options, count, dev, ext, resume, overwrite, split, None,
+                   progress, log, extra={"joined": True, "command": command})
     n, dev = resolve_workers(workers, gpus, device)
     _precheck(str(output), count, resume, overwrite, options)
-    job = Job(str(output), options, count, dev, n, resume, overwrite, split, None, progress, log)
-    if n == 1:
+    return Job(str(output), options, count, dev, n, resume, overwrite, split, None, progress, log,
+               extra={"command": command})
+
+
+def run_job(job: Job) -> dict | None:
+    """Run a job from ``make_job``: in this process, in forked workers, or as one joined rank."""
+    if job.extra.get("joined"):
+        return _rank_main(job, joined=True)
+    if job.nprocs == 1:
         return _single(job)
     return _spawn(job)
 
@@ -307,15 +329,19 @@ def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
 def _resume_hint(job: Job) -> str:
     flag = f"--workers {job.nprocs}" if job.device == "cpu" else f"--gpus {job.nprocs}"
     what = "the set is" if job.count is not None else "the store is"
-    return (f"{what} resumable: wsigen sample --resume -o {job.output} {flag} "
+    command = job.extra.get("command", "wsigen sample")
+    return (f"{what} resumable: {command} --resume -o {job.output} {flag} "
             f"(any number of workers gives the same bytes)")
 
 
 def _spawned(job: Job, rank: int, env: dict) -> None:
     """Body of a worker started by ``_spawn``: the launcher's environment, run, report, exit."""
-    from . import stopping
+    from . import stopping, upscaling
 
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    # Forked: libraries with thread pools that the launcher may have used (libvips decoding the
+    # input of ``wsigen upscale``) are broken here, so the input is read in a fresh process.
+    upscaling.read_in_fresh_process()
     os.setpgrp()  # terminal signals go to the launcher, which passes them on once
     _die_with_parent()
     with stopping.installed():  # like the CLI: a first signal finishes the step and saves

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cascade import StagePlan
 from .errors import UsageError, WsigenError
 
+if TYPE_CHECKING:
+    from .cascade import StagePlan
+
 ROWS_PER_READ = 512
+# Set in forked worker processes: the input is read in a new process (see ``write_input``).
+_READ_IN_FRESH_PROCESS = False
 
 
 @dataclass
@@ -108,6 +114,8 @@ def factor_from(source: Source, k: int, factor: int | None, target_mpp: float | 
 
 
 def plans_for(cfg: dict, k: int) -> list[StagePlan]:
+    from .cascade import StagePlan
+
     inp = cfg["input"]
     L = cfg["upscale_stages"]
     return [StagePlan(l, inp["height"] * k**l, inp["width"] * k**l, inp["mpp"] / k**l) for l in range(L + 1)]
@@ -125,11 +133,30 @@ def check_range(plans: list[StagePlan], model_cfg: dict, allow_extrapolation: bo
                           f"{lo:g}–{hi:g} µm/px; use a smaller --factor or pass --allow-extrapolation")
 
 
+def read_in_fresh_process(on: bool = True) -> None:
+    """From now on ``write_input`` reads in a new process (called in forked workers)."""
+    global _READ_IN_FRESH_PROCESS
+    _READ_IN_FRESH_PROCESS = on
+
+
 def write_input(store, cfg: dict) -> None:
-    """Read the input region band by band and store it as stage 0 (then mark stage 0 complete)."""
+    """Read the input region band by band and store it as stage 0 (then mark stage 0 complete).
+
+    A forked worker reads through a new process: libvips (PNG, JPEG, … inputs) keeps a pool of
+    threads that ``fork`` does not copy, so in a child of a process that has decoded with it (the
+    launcher has, checking the input before it starts the workers) the next decode waits forever
+    for threads that do not exist.
+    """
+    if _READ_IN_FRESH_PROCESS:
+        _write_in_new_process(store.path, cfg["input"])
+    else:
+        _write_bands(store, cfg["input"])
+    store.mark_stage_complete(0)
+
+
+def _write_bands(store, inp: dict) -> None:
     from .readers import open_image
 
-    inp = cfg["input"]
     path = Path(inp["path"])
     with open_image(path, mpp=inp["mpp_given"], require_mpp=False) as slide:
         if slide.sha256() != inp["sha256"]:
@@ -138,21 +165,87 @@ def write_input(store, cfg: dict) -> None:
         rows = max(arr.chunks[1], ROWS_PER_READ // arr.chunks[1] * arr.chunks[1])
         for r0, band in input_bands(slide, inp, rows):
             store.write_rows(0, r0, band)
-    store.mark_stage_complete(0)
+
+
+def _write_in_new_process(store_path, inp: dict) -> None:
+    """``_write_bands`` in ``python -c``; its error comes back as this process's."""
+    import json
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parents[1])  # wsigen importable as in this process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    request = json.dumps({"store": str(Path(store_path).absolute()), "input": inp})
+    r = subprocess.run([sys.executable, "-c", "from wsigen.upscaling import _writer_main; _writer_main()"],
+                       input=request, capture_output=True, text=True, env=env)
+    if r.returncode == 0:
+        return
+    try:
+        reply = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        reply = None
+    if isinstance(reply, dict) and "message" in reply:
+        raise (UsageError if reply.get("code") == 2 else WsigenError)(reply["message"])
+    if r.returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-r.returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-r.returncode}"
+    else:
+        last = (r.stderr.strip().splitlines() or [""])[-1]
+        how = f"failed (exit code {r.returncode}){': ' + last if last else ''}"
+    raise WsigenError(f"the process reading {inp['file']} into stage 0 {how}")
+
+
+def _writer_main() -> None:
+    """Entry of the reading process: a JSON request on stdin, a JSON error on stdout."""
+    import json
+    import sys
+
+    from .launch import _die_with_parent
+
+    _die_with_parent()
+    request = json.loads(sys.stdin.read())
+    try:
+        from .store import SlideStore
+
+        _write_bands(SlideStore.open(request["store"], mode="r+"), request["input"])
+    except Exception as e:
+        if isinstance(e, WsigenError):
+            reply = {"message": str(e), "code": e.exit_code}
+        elif isinstance(e, OSError):
+            where = f": {e.filename}" if e.filename else ""
+            reply = {"message": f"writing stage 0 failed ({e.strerror or e}{where})", "code": 1}
+        else:
+            reply = {"message": f"reading the input failed: {type(e).__name__}: {e}", "code": 1}
+        print(json.dumps(reply), flush=True)
+        sys.exit(1)
 
 
 def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | None = None,
             target_mpp: float | None = None, mpp: float | None = None, region=None, level: int = 0,
-            model: str | None = None, resume: bool = False, **options) -> dict:
-    """Add detail to an existing image stage by stage; writes the same store as ``sample``."""
-    from . import api, checkpoint
+            model: str | None = None, resume: bool = False, overwrite: bool = False,
+            workers: int | None = None, gpus: int | None = None, device: str = "auto",
+            progress=None, log=None, **options) -> dict | None:
+    """Add detail to an existing image stage by stage; writes the same store as ``sample``.
 
-    if resume:
-        return api.sample(out, resume=True, model=model, **options)
-    src = open_source(input, mpp=mpp, region=parse_region(region) if isinstance(region, str) else region,
-                      level=level)
-    lm = checkpoint.load_model(model or "default", patch=options.get("patch"))
-    L = factor_from(src, lm.config["k"], factor, target_mpp)
-    f = lm.config["k"] ** L
-    return api.sample(out, (src.width * f, src.height * f), model=model, mpp=src.mpp / f,
-                      source={"input": src.describe(), "upscale_stages": L}, **options)
+    ``workers``/``gpus``/``device`` spread the guided stages over processes as in ``sample``
+    (the same bytes for any number). Returns the summary (None on ranks other than 0 of an
+    externally launched job).
+    """
+    from . import launch
+
+    job = launch.make_job(out, workers=workers, gpus=gpus, device=device, resume=resume,
+                          overwrite=overwrite, progress=progress, log=log,
+                          command=f"wsigen upscale {input}", model=model, **options)
+    if not resume:
+        src = open_source(input, mpp=mpp, level=level,
+                          region=parse_region(region) if isinstance(region, str) else region)
+        # the model's k from its config: no torch work in a process that forks workers
+        k = launch._model_config(job.options)["k"]
+        L = factor_from(src, k, factor, target_mpp)
+        f = k**L
+        job.options.update(size=(src.width * f, src.height * f), mpp=src.mpp / f,
+                           source={"input": src.describe(), "upscale_stages": L})
+    return launch.run_job(job)

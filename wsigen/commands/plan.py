@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         throughput: Annotated[float | None, typer.Option(help="Known evaluations/s per process on the target device.", min=0)] = None,
         device: Annotated[str, typer.Option(help="Device for --measure.")] = "auto",
         precision: Annotated[str, typer.Option(help="Precision for --measure.")] = "fp32",
+        compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for --measure (as sample --compile).")] = False,
+        channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Memory format for --measure [default: on for CUDA].")] = None,
+        state_dtype: Annotated[str, typer.Option(help="float32 or float16 state (as sample --state-dtype).")] = "float32",
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ):
         """Stages, patches, denoiser evaluations, memory per process, disk and estimated time."""
@@ -44,7 +47,8 @@ def register(app: typer.Typer) -> None:
 
         p = api.plan(size, model=model, mpp=mpp, patch=patch, steps=steps, batch=batch, seed=seed,
                      world=gpus or workers or 1, device=device, precision=precision, measure=measure,
-                     throughput=throughput)
+                     throughput=throughput, compile=compile, channels_last=channels_last,
+                     state_dtype=state_dtype)
         if as_json:
             typer.echo(json.dumps(p, indent=2))
             return

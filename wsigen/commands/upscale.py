@@ -13,7 +13,10 @@ def register(app: typer.Typer) -> None:
     from ..cli import _emit, _skip_note, command, err
 
     def hint(kw):
-        return f"the store is resumable: wsigen upscale {kw.get('input')} --resume -o {kw.get('output')}"
+        flag = (f" --gpus {kw['gpus']}" if kw.get("gpus") else
+                f" --workers {kw['workers']}" if kw.get("workers") else "")
+        return (f"the store is resumable: wsigen upscale {kw.get('input')} --resume "
+                f"-o {kw.get('output')}{flag}")
 
     @app.command()
     @command(hint)
@@ -32,6 +35,9 @@ def register(app: typer.Typer) -> None:
         guided_steps: Annotated[int | None, typer.Option(help="Guided steps r.", min=0)] = None,
         batch: Annotated[int | None, typer.Option(help="Patches per forward pass.", min=1)] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+        threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
+        workers: Annotated[int | None, typer.Option(help="Worker processes sharing the work (with --device cpu: gloo); same bytes for any number.", min=1)] = None,
+        gpus: Annotated[int | None, typer.Option(help="CUDA workers, one device each (an error where there are fewer).", min=1)] = None,
         allow_extrapolation: Annotated[bool, typer.Option(help="Allow µm/px outside the model's range.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
         resume: Annotated[bool, typer.Option(help="Continue an interrupted store.")] = False,
@@ -44,9 +50,12 @@ def register(app: typer.Typer) -> None:
         bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
         s = api.upscale(input, output, factor=factor, target_mpp=target_mpp, mpp=mpp, region=region,
                         level=level, model=model, patch=patch, seed=seed, steps=steps,
-                        guided_steps=guided_steps, batch=batch, device=device,
-                        allow_extrapolation=allow_extrapolation, overwrite=overwrite, resume=resume,
-                        progress=bar, log=None if as_json else err)
+                        guided_steps=guided_steps, batch=batch, device=device, threads=threads,
+                        workers=workers, gpus=gpus, allow_extrapolation=allow_extrapolation,
+                        overwrite=overwrite, resume=resume, progress=bar,
+                        log=None if as_json else err)
+        if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
+            return
         _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px from {input} "
               f"({s['L']} stages), {s['evaluations']:,} denoiser evaluations{_skip_note(s)} in "
               f"{s['wall_s']:.1f} s → {s['output']}")
