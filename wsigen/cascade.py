@@ -278,8 +278,8 @@ class _Segment:
             x = self.ctx.staging((n, 3, m, m))
         else:
             x = torch.empty(n, 3, m, m, dtype=torch.float32, device=self.band.data.device)
-        if self.mask is not None:
-            x.zero_()
+        # padding pixels stay uninitialised here: ``reset`` sets every one of them (torch.where
+        # selects, so whatever was in the memory never reaches a value)
         for pv, bv in self._copies(x):
             pv.copy_(bv)
         if remote:

@@ -22,7 +22,20 @@ class GaussianDenoiser(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor | None = None):
+        gain, bias = self._coefficients(sigma)
+        return torch.addcmul(bias, x, gain)  # D = gain·x + (1 − gain)·μ: one pass over x
+
+    def _coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gain = τ²/(τ² + σ²) and (1 − gain)·μ; the last scalar σ's are reused (the sampler calls
+        this with one σ for many batches in a row)."""
+        key = float(sigma) if sigma.numel() == 1 and sigma.device.type == "cpu" else None
+        cached = getattr(self, "_last", None)
+        if key is not None and cached is not None and cached[0] == key and cached[1].device == self.mean.device:
+            return cached[1], cached[2]
         s2 = sigma.to(torch.float32).reshape(-1, 1, 1, 1) ** 2
         t2 = self.std**2
-        gain = t2 / (t2 + s2)  # D = gain·x + (1 − gain)·μ: one pass over x
-        return torch.addcmul((1 - gain) * self.mean, x, gain)
+        gain = t2 / (t2 + s2)
+        bias = (1 - gain) * self.mean
+        if key is not None:
+            self._last = (key, gain, bias)
+        return gain, bias
