@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ORDER = ["pipeline.py", "scaling.py", "overhead.py", "throughput.py", "export.py", "workers.py"]
+ORDER = ["pipeline.py", "scaling.py", "overhead.py", "throughput.py", "state_dtype.py", "export.py", "workers.py",
+         "io_overlap.py"]
 
 
 def main() -> int:
