@@ -166,3 +166,40 @@ def test_uint8_conversion_is_one_function():
     assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 1]
     u = np.arange(256, dtype=np.uint8)
     assert np.array_equal(to_uint8(from_uint8(u)), u)
+
+
+@pytest.mark.parametrize("n,batch,patch", [(33, 8, 64), (200, 8, 64), (129, 8, 64), (17, 8, 512), (3, 8, 512),
+                                           (1, 1, 32), (257, 5, 64), (64, 64, 64)])
+def test_row_segments_are_whole_batches_that_cover_the_row(n, batch, patch):
+    from wsigen.cascade import row_segments, segment_cap
+
+    segs = row_segments(n, batch, patch)
+    assert segs[0][0] == 0 and segs[-1][1] == n
+    assert all(a1 == b0 for (_, a1), (b0, _) in zip(segs, segs[1:], strict=False))
+    cap = segment_cap(batch, patch)
+    assert cap % batch == 0 and cap >= batch
+    for a, b in segs[:-1]:
+        assert (b - a) % batch == 0 and b - a <= cap
+    lengths = [b - a for a, b in segs]
+    assert max(lengths) - min(lengths) < 2 * batch  # near-equal: no one-patch tail beside a full one
+
+
+@pytest.mark.parametrize("w,y0,xs", [(24, -4, [-4]), (24, 0, [-8]), (100, 0, [-20, 12, 44, 76]),
+                                     (96, 0, [0, 32, 64]), (90, -3, [10, 42, 74])])
+def test_gather_scatter_cut_patches(w, y0, xs):
+    """Patches cut on the left, right or both sides gather exactly the canvas pixels they cover."""
+    ctx = _stage_ctx(GaussianDenoiser(), r=0, h=40, w=w)
+    data = torch.arange(3 * 40 * w, dtype=torch.float32).reshape(3, 40, w)
+    band = Band(40, w, 0, 40, data.clone())
+    seg = _Segment(ctx, 0, y0, xs, band, None)
+    x = seg.gather(1.0)
+    for j, x0 in enumerate(xs):
+        ya, yb, xa, xb = Patch(y0, x0, 32).valid(40, w)
+        assert torch.equal(x[j][:, ya - y0 : yb - y0, xa - x0 : xb - x0], data[:, ya:yb, xa:xb])
+    seg.scatter(-x)
+    covered = torch.zeros(40, w, dtype=torch.bool)
+    for x0 in xs:
+        ya, yb, xa, xb = Patch(y0, x0, 32).valid(40, w)
+        covered[ya:yb, xa:xb] = True
+    assert torch.equal(band.data[:, covered], -data[:, covered])
+    assert torch.equal(band.data[:, ~covered], data[:, ~covered])
