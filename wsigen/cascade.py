@@ -176,10 +176,14 @@ def row_segments(n: int, batch: int, patch: int) -> list[tuple[int, int]]:
     The split depends only on (n, batch, patch), so with background skipping the batches a
     segment forms (its non-glass patches, left to right) are the same in every process.
     """
-    cap = segment_cap(batch, patch)
-    parts = ceil_div(n, cap)
-    per = ceil_div(ceil_div(n, parts), batch) * batch
-    return [(a, min(a + per, n)) for a in range(0, n, per)]
+    batches = ceil_div(n, batch)
+    parts = ceil_div(batches, segment_cap(batch, patch) // batch)
+    out, a = [], 0
+    for j in range(parts):  # the first (batches mod parts) segments take one batch more
+        b = min(n, a + batch * (batches // parts + (j < batches % parts)))
+        out.append((a, b))
+        a = b
+    return out
 
 
 def to_patches(strip: torch.Tensor, m: int) -> torch.Tensor:
