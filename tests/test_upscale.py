@@ -221,3 +221,30 @@ def test_cli_more_gpus_than_devices(tmp_path):
              "-o", tmp_path / "x.zarr")
     assert r.exit_code == 1 and "64" in r.stderr and "CUDA device" in r.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.slow
+def test_done_when_default_model_mpp2_factor4_then_ome_tiff(tmp_path):
+    """The issue's acceptance command: a small image at 2 µm/px, ×4 with the bundled model
+    (0.5 µm/px is inside its trained range), then exported to OME-TIFF."""
+    from wsigen.readers import open_image
+
+    with open_image(SVS) as slide:  # 0.499 µm/px: a 512² region pooled ×4 is ≈ 2 µm/px
+        region = slide.read_region(800, 600, 512, 512).transpose(2, 0, 1)
+    small = np.round(_pool(region, 4)).astype(np.uint8).transpose(1, 2, 0)
+    inp = _png(tmp_path / "small.png", np.ascontiguousarray(small))
+    runner = CliRunner()
+    r = runner.invoke(app, ["upscale", str(inp), "--mpp", "2", "--factor", "4", "-o", str(tmp_path / "up.zarr"),
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert (s["width"], s["height"], s["mpp"]) == (512, 512, 0.5)
+    r = runner.invoke(app, ["export", str(tmp_path / "up.zarr"), "--format", "ome-tiff",
+                            "-o", str(tmp_path / "up.ome.tif")])
+    assert r.exit_code == 0, r.output
+    with tifffile.TiffFile(tmp_path / "up.ome.tif") as t:
+        assert t.is_ome and t.series[0].shape[:2] == (512, 512)
+        out = t.series[0].asarray()
+    # the output pools back to the input (r < N, so loosely: mean error of a few grey levels)
+    err = np.abs(_pool(out.transpose(2, 0, 1), 4) - small.transpose(2, 0, 1)).mean()
+    assert err < 8, err
