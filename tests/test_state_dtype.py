@@ -58,7 +58,7 @@ def test_float16_band_and_estimate_are_half():
 
 
 def test_float16_resume_is_byte_identical(tmp_path, tiny_model, pair, monkeypatch):
-    """Interrupted mid-stage (state saved as float32, exactly the float16 values) and resumed."""
+    """Interrupted mid-stage (the checkpoint holds the float16 state as float16) and resumed."""
     out = tmp_path / "r.zarr"
     real = faults.point
 
@@ -72,6 +72,7 @@ def test_float16_resume_is_byte_identical(tmp_path, tiny_model, pair, monkeypatc
         api.sample(out, 128, model=str(tiny_model), state_dtype="float16", checkpoint_every=1)
     monkeypatch.setattr(faults, "point", real)
     assert SlideStore.open(out).state_info() is not None
+    assert SlideStore.open(out).group["state/x"].dtype == np.float16
     with pytest.raises(UsageError, match="state_dtype"):  # part of the reproducibility key
         api.sample(out, state_dtype="float32", resume=True)
     api.sample(out, resume=True)

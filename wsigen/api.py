@@ -307,7 +307,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
            "memory_per_process": planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch,
                                                           mc["k"], world, batch, params,
                                                           2 if state_dtype == "float16" else 4),
-           "disk": planning.disk_bytes(plans, w, h)}
+           "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4)}
     if measure:
         dev = resolve_device(device)
         net = accel.prepare(lm.denoiser, dev, compile=compile,

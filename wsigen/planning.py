@@ -77,11 +77,11 @@ def memory_per_rank(height: int, width: int, patch: int, k: int, world: int, bat
             "total": state + guide + buffers + model}
 
 
-def disk_bytes(plans: list[StagePlan], width: int, height: int) -> dict:
+def disk_bytes(plans: list[StagePlan], width: int, height: int, state_bytes: int = 4) -> dict:
     """Upper bounds (uncompressed) of the store: stages, level 0 + pyramid, mid-stage state."""
     stages = sum(3 * p.height * p.width for p in plans[:-1])
     level0 = 3 * width * height
     pyramid = level0 // 3  # 1/4 + 1/16 + … < 1/3
-    state = 3 * plans[-1].height * plans[-1].width * 4
+    state = 3 * plans[-1].height * plans[-1].width * state_bytes
     return {"stages": stages, "level0": level0, "pyramid": pyramid, "state": state,
             "total": stages + level0 + pyramid + state}

@@ -63,7 +63,7 @@ def estimate(plans: list[StagePlan], patch: int, k: int, batch: int, params: int
     mem = planning.memory_per_rank(last.height, last.width, patch, k, world, batch, params, state_bytes)
     # A band never exceeds the canvas (planning adds the shift slack even to a single process).
     mem["state"] = min(mem["state"], 3 * last.height * last.width * state_bytes)
-    disk = dict(planning.disk_bytes(plans, last.width, last.height))
+    disk = dict(planning.disk_bytes(plans, last.width, last.height, state_bytes))
     if not checkpoint:  # no mid-stage state is ever written
         disk["total"] -= disk["state"]
         disk["state"] = 0

@@ -232,8 +232,8 @@ def _state_array(store: SlideStore):
 
 
 def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo: Topology) -> Band:
-    """Write the state (as float32) after ``step`` steps, chunk-aligned per process, then record it."""
-    arr = store.begin_state(ctx.stage, ctx.height, ctx.width) if topo.rank == 0 else None
+    """Write the state (in its dtype) after ``step`` steps, chunk-aligned per process, then record it."""
+    arr = store.begin_state(ctx.stage, ctx.height, ctx.width, dtype=ctx.settings.state_dtype) if topo.rank == 0 else None
     topo.barrier()
     if arr is None:
         arr = _state_array(store)
@@ -241,7 +241,7 @@ def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo
     band = topo.regroup(band, a, b, kind="state")
     for y in range(a, b, arr.chunks[1]):
         e = min(y + arr.chunks[1], b)
-        arr[:, y:e, :] = band.rows(y, e).float().cpu().numpy()
+        arr[:, y:e, :] = band.rows(y, e).cpu().numpy()
         faults.point("state-chunk", y)
     topo.barrier()
     if topo.rank == 0:

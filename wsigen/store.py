@@ -283,7 +283,8 @@ class SlideStore:
     def state_info(self) -> dict | None:
         return self.info.get("state")
 
-    def begin_state(self, stage: int, height: int, width: int, chunk: int = CHUNK) -> zarr.Array:
+    def begin_state(self, stage: int, height: int, width: int, chunk: int = CHUNK,
+                    dtype: str = "float32") -> zarr.Array:
         """The array to write a new checkpoint into; the old checkpoint stops counting first.
 
         The new checkpoint overwrites the old one chunk by chunk, so a crash in between must not
@@ -294,8 +295,8 @@ class SlideStore:
         if self.state_info() is not None:
             self.update_info(state=None)
         arr = self.group.get(STATE)
-        if arr is None or arr.shape != (3, height, width):
-            arr = self._array(STATE, (height, width), chunk, dtype="float32")
+        if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
+            arr = self._array(STATE, (height, width), chunk, dtype=dtype)
         return arr.with_config(_ARRAY_CONFIG)
 
     def commit_state(self, stage: int, step: int) -> None:
