@@ -115,3 +115,25 @@ def test_sample_refuses_before_writing(tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines()[-1].startswith("wsigen: not enough memory for 64x64 px")
     assert not out.exists()
+
+
+def test_state_device_choice():
+    """auto puts the band on the GPU only when band + buffers fit in a share of its free memory."""
+    from wsigen.errors import UsageError, WsigenError
+    from wsigen.preflight import DEVICE_STATE_SHARE, state_device
+
+    gib = 2**30
+    assert state_device("auto", "cpu", 10 * gib, gib, None) == "cpu"
+    assert state_device("auto", "cuda", 10 * gib, gib, 80 * gib) == "cuda"
+    fits = int((10 * gib + gib) / DEVICE_STATE_SHARE) + 1
+    assert state_device("auto", "cuda", 10 * gib, gib, fits) == "cuda"
+    assert state_device("auto", "cuda", 10 * gib, gib, fits - 2 * gib) == "cpu"
+    assert state_device("auto", "cuda", 10 * gib, gib, None) == "cpu"  # cannot ask: stay safe
+    assert state_device("cpu", "cuda", gib, gib, 80 * gib) == "cpu"
+    assert state_device("cuda", "cuda", 50 * gib, gib, 60 * gib) == "cuda"  # asked for, fits
+    with pytest.raises(WsigenError, match="GPU has"):
+        state_device("cuda", "cuda", 60 * gib, gib, 40 * gib)
+    with pytest.raises(UsageError, match="needs --device cuda"):
+        state_device("cuda", "cpu", gib, gib, None)
+    with pytest.raises(UsageError, match="auto, cpu or cuda"):
+        state_device("gpu", "cuda", gib, gib, None)

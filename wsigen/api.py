@@ -147,6 +147,25 @@ def _merge_resume(stored: dict, requested: dict) -> dict:
     return dict(stored)
 
 
+def preflight_state_device(choice: str, dev: torch.device) -> None:
+    """Refuse a bad ``--state-device`` before anything is read or written."""
+    from . import preflight
+
+    preflight.state_device(choice, dev.type, 0, 0, None)
+
+
+def _state_device(choice: str, dev: torch.device, plans, lm, settings: Settings, world: int) -> str:
+    """``--state-device``: this process's band on the GPU when it fits (see preflight.state_device)."""
+    from . import planning, preflight
+
+    mem = planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch, lm.config["k"], world,
+                                   settings.batch, sum(p.numel() for p in lm.denoiser.parameters()),
+                                   settings.state_torch_dtype.itemsize)
+    state = min(mem["state"], 3 * plans[-1].height * plans[-1].width * settings.state_torch_dtype.itemsize)
+    free = preflight.device_free_memory(dev) if dev.type == "cuda" else None
+    return preflight.state_device(choice, dev.type, state, mem["buffers"] + mem["model"], free)
+
+
 def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
     """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides).
 
@@ -180,6 +199,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
            solver: str | None = None, batch: int | None = None, device: str = "auto",
            patch: int | None = None, precision: str | None = None, state_dtype: str | None = None,
            channels_last: bool | None = None, compile: bool | None = None, grid_shift: bool | None = None,
+           state_device: str = "auto",
            skip_background: bool | None = None, background_tolerance: float | None = None,
            threads: int | None = None, overwrite: bool = False, resume: bool = False,
            allow_extrapolation: bool = False, drop_stages: bool = False,
@@ -197,6 +217,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         channels_last=channels_last, compile=compile,
         model=model).items() if v is not None}
     dev = resolve_device(device)
+    preflight_state_device(state_device, dev)
     topo = topology or sampler.Topology()
     if resume:
         if overwrite:
@@ -244,6 +265,9 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
             f"{settings.guided_steps} guided, model {cfg['model']} ({lm.sha256[:12]}), seed {cfg['seed']}")
     lm = replace(lm, denoiser=accel.prepare(lm.denoiser, dev, channels_last=settings.channels_last,
                                             compile=settings.compile))
+    where = _state_device(state_device, dev, plans, lm, settings, topo.world)
+    if log and topo.rank == 0 and dev.type == "cuda":
+        log(f"state band in {'GPU' if where == 'cuda' else 'host'} memory (--state-device {state_device})")
     if store is None:
         info = {"torch_version": torch.__version__, "config": cfg, "seed": cfg["seed"],
                 "key": {k: cfg.get(k) for k in KEY_KEYS},
@@ -265,7 +289,8 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
     if cfg.get("input") and topo.rank != 0:
         store = SlideStore.open(out, mode="r+")  # zarr caches attributes: see stage 0 as complete
     stats = sampler.run(store, lm, plans, settings, cfg["seed"], dev, (cfg["height"], cfg["width"]),
-                        topo=topo, progress=progress, checkpoint_every=checkpoint_every)
+                        topo=topo, progress=progress, checkpoint_every=checkpoint_every,
+                        state_device=dev if where == "cuda" else "cpu")
     if topo.rank == 0:
         store.finalize(cfg["mpp"], name=Path(out).name, drop_stages=drop_stages)
     topo.barrier()

@@ -111,6 +111,7 @@ def sample(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
     state_dtype: Annotated[str | None, typer.Option(help="float32 or float16: the dtype the state is held in between steps (float16 halves its memory) [default: float32].")] = None,
+    state_device: Annotated[str, typer.Option(help="auto, cpu or cuda: where the state band waits between steps (auto: on the GPU when it fits; same bytes either way).")] = "auto",
     channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format for the network [default: on for CUDA, off for CPU].")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a warm-up of seconds to minutes; faster steps on GPUs).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
@@ -134,7 +135,7 @@ def sample(
     bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
     s = launch.sample(output, size, workers=workers, gpus=gpus, count=count, model=model, mpp=mpp,
                    seed=seed, steps=steps, guided_steps=guided_steps, solver=solver, batch=batch, device=device, patch=patch, precision=precision,
-                   state_dtype=state_dtype, channels_last=channels_last, compile=compile or None,
+                   state_dtype=state_dtype, state_device=state_device, channels_last=channels_last, compile=compile or None,
                    grid_shift=None if grid_shift else False, threads=threads,
                    skip_background=None if skip_background else False,
                    background_tolerance=background_tolerance, overwrite=overwrite,

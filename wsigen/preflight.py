@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import planning
 from .cascade import StagePlan
-from .errors import WsigenError
+from .errors import UsageError, WsigenError
 
 RUNTIME_BYTES = 512 * 2**20  # interpreter, torch, zarr and codec buffers (≈ 0.4 GB measured on CPU)
 STATE_DTYPE_OPTION = True  # `--state-dtype float16` exists, so the hint names it
@@ -77,6 +77,43 @@ def estimate(plans: list[StagePlan], patch: int, k: int, batch: int, params: int
                  runtime=RUNTIME_BYTES, host_per_process=host, disk=disk,
                  disk_needed=max(0, disk["total"] - on_disk),
                  state_dtype="float16" if state_bytes == 2 else "float32")
+
+
+#: Share of the accelerator's free memory the state may take when ``--state-device auto`` puts it
+#: there (the rest: the network's activations, allocator slack, other processes).
+DEVICE_STATE_SHARE = 0.6
+
+
+def state_device(choice: str, device_type: str, state: int, other: int, free: int | None) -> str:
+    """Where the state band lives: ``"cpu"`` or ``"cuda"``.
+
+    ``auto`` keeps it on the accelerator when the band (``state`` bytes) plus the batch buffers
+    and model (``other``) fit in ``DEVICE_STATE_SHARE`` of its ``free`` memory — no host↔device
+    copy per segment then — and in host memory otherwise. The bytes of the result are the same
+    either way: only where the values wait between steps changes.
+    """
+    if choice not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--state-device must be auto, cpu or cuda (got {choice})")
+    if device_type != "cuda":
+        if choice == "cuda":
+            raise UsageError("--state-device cuda needs --device cuda")
+        return "cpu"
+    if choice == "cuda" and free is not None and state + other > free:
+        raise WsigenError(f"--state-device cuda: the state band needs {gb(state)} (+ {gb(other)} buffers and "
+                          f"model) but the GPU has {gb(free)} free; use --state-device cpu or more --gpus")
+    if choice != "auto":
+        return choice
+    return "cuda" if free is not None and state + other <= DEVICE_STATE_SHARE * free else "cpu"
+
+
+def device_free_memory(device) -> int | None:
+    """Free bytes on a CUDA device (None where it cannot be asked)."""
+    import torch
+
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except (RuntimeError, AssertionError, ValueError):
+        return None
 
 
 def available_memory() -> int:
