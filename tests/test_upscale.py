@@ -245,6 +245,9 @@ def test_done_when_default_model_mpp2_factor4_then_ome_tiff(tmp_path):
     with tifffile.TiffFile(tmp_path / "up.ome.tif") as t:
         assert t.is_ome and t.series[0].shape[:2] == (512, 512)
         out = t.series[0].asarray()
-    # the output pools back to the input (r < N, so loosely: mean error of a few grey levels)
-    err = np.abs(_pool(out.transpose(2, 0, 1), 4) - small.transpose(2, 0, 1)).mean()
-    assert err < 8, err
+    # the output pools back to its input (r < N steps are guided, so loosely), far closer than to
+    # another image of the same kind (the input turned upside down)
+    pooled = _pool(out.transpose(2, 0, 1), 4)
+    err = np.abs(pooled - small.transpose(2, 0, 1)).mean()
+    other = np.abs(pooled - small[::-1].transpose(2, 0, 1)).mean()
+    assert err < 12 and err < 0.4 * other, (err, other)
