@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from common import save
 
+from wsigen import accel
 from wsigen.canvas import GuideBand
 from wsigen.cascade import Settings, StageContext, diffuse, initial_band
 from wsigen.nets import GaussianDenoiser
@@ -21,8 +22,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-malloc-tune", action="store_true", help="glibc's default allocator settings")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if not a.no_malloc_tune:
+        accel.tune_host_allocator()  # as `wsigen sample` does
     h = w = a.size
     s = Settings(steps=a.steps, guided_steps=a.steps, batch=a.batch, skip_background=False)
     ctx = StageContext(GaussianDenoiser(), s, 0, 6, h, w, 1.0, 64, 2, (0.9, 0.9, 0.9), torch.device("cpu"))

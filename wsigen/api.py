@@ -218,6 +218,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         model=model).items() if v is not None}
     dev = resolve_device(device)
     preflight_state_device(state_device, dev)
+    accel.tune_host_allocator()
     topo = topology or sampler.Topology()
     if resume:
         if overwrite:
