@@ -402,11 +402,14 @@ def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], 
     seg = _Segment(ctx, i, y0, xs, band, guide if (project_now or glass_idx) else None, eps)
     b = ctx.settings.batch
     chunks = [active[c : c + b] for c in range(0, len(active), b)]
+    pixelwise = getattr(ctx.denoiser, "pixelwise", False)
 
     def denoise(x, sigma):
         sig = torch.tensor([sigma], device=ctx.device)
         with torch.no_grad(), _autocast(ctx):
-            if len(chunks) == 1 and len(active) == len(xs):
+            if (len(chunks) == 1 and len(active) == len(xs)) or pixelwise:
+                # one call: the whole segment is one batch, or batches cannot matter (a pixel-wise
+                # model gives the same values in any batch; glass patches are replaced below)
                 u = ctx.denoiser(x, sig, mpp).float()
             else:
                 u = torch.empty_like(x)

@@ -16,6 +16,9 @@ DEFAULT_STD = (0.2, 0.2, 0.2)
 
 
 class GaussianDenoiser(nn.Module):
+    #: D acts on each pixel alone: the sampler may evaluate any set of patches in one call.
+    pixelwise = True
+
     def __init__(self, mean=DEFAULT_MEAN, std=DEFAULT_STD):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
