@@ -31,19 +31,23 @@ def normal(shape: tuple[int, ...], seed: int, purpose: int, *key: int) -> np.nda
     return rng(seed, purpose, *key).standard_normal(shape, dtype=np.float32)
 
 
-def initial_noise(seed: int, stage: int, height: int, width: int, y0: int, y1: int) -> np.ndarray:
-    """ε for rows [y0, y1) of a height × width canvas, keyed per tile of a fixed tiling.
+def initial_noise(seed: int, stage: int, height: int, width: int, y0: int, y1: int,
+                  x0: int = 0, x1: int | None = None) -> np.ndarray:
+    """ε for rows [y0, y1) (columns [x0, x1), default all) of a height × width canvas, keyed per
+    tile of a fixed tiling.
 
     The value of a pixel depends only on (seed, stage, its tile, its place in the tile), so any
-    band of rows can be produced by any process and agrees with every other band.
+    block of the canvas can be produced by any process or thread and agrees with every other one.
     """
     t = NOISE_TILE
-    out = np.empty((3, y1 - y0, width), dtype=np.float32)
+    x1 = width if x1 is None else x1
+    out = np.empty((3, y1 - y0, x1 - x0), dtype=np.float32)
     for ty in range(y0 // t, (y1 - 1) // t + 1 if y1 > y0 else 0):
         ty0, ty1 = ty * t, min((ty + 1) * t, height)
         a, b = max(ty0, y0), min(ty1, y1)
-        for tx in range((width + t - 1) // t):
+        for tx in range(x0 // t, (x1 - 1) // t + 1 if x1 > x0 else 0):
             tx0, tx1 = tx * t, min((tx + 1) * t, width)
+            c, d = max(tx0, x0), min(tx1, x1)
             tile = normal((3, ty1 - ty0, tx1 - tx0), seed, INIT_NOISE, stage, ty, tx)
-            out[:, a - y0 : b - y0, tx0:tx1] = tile[:, a - ty0 : b - ty0]
+            out[:, a - y0 : b - y0, c - x0 : d - x0] = tile[:, a - ty0 : b - ty0, c - tx0 : d - tx0]
     return out

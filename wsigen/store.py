@@ -269,15 +269,23 @@ class SlideStore:
 
     def write_rows(self, l: int, y0: int, data: np.ndarray) -> None:
         """Write whole chunk rows (full width) of stage ``l``: no chunk is shared with another writer."""
+        self.write_block(l, y0, 0, data, full_width=True)
+
+    def write_block(self, l: int, y0: int, x0: int, data: np.ndarray, full_width: bool = False) -> None:
+        """Write whole chunks of stage ``l`` from (y0, x0): the block starts on chunk boundaries and
+        ends on one or at the array's edge, so no chunk is shared with another block or writer."""
         arr = self.stage_array(l)
-        c = arr.chunks[1]
-        n = data.shape[1]
-        if data.shape[0] != 3 or data.shape[2] != arr.shape[2] or data.dtype != arr.dtype:
+        c, cx = arr.chunks[1], arr.chunks[2]
+        h, w = arr.shape[1], arr.shape[2]
+        n, m = data.shape[1], data.shape[2]
+        if data.shape[0] != 3 or (full_width and m != w) or data.dtype != arr.dtype:
             raise ValueError(f"rows of shape {data.shape} ({data.dtype}) do not fit stage {l} "
                              f"of shape {arr.shape} ({arr.dtype})")
-        if y0 % c or (y0 + n != arr.shape[1] and n % c) or y0 + n > arr.shape[1]:
-            raise ValueError(f"rows [{y0}, {y0 + n}) are not chunk-aligned ({c}) in {arr.shape[1]} rows")
-        arr[:, y0 : y0 + n, :] = data
+        if y0 % c or (y0 + n != h and n % c) or y0 + n > h:
+            raise ValueError(f"rows [{y0}, {y0 + n}) are not chunk-aligned ({c}) in {h} rows")
+        if x0 % cx or (x0 + m != w and m % cx) or x0 + m > w:
+            raise ValueError(f"columns [{x0}, {x0 + m}) are not chunk-aligned ({cx}) in {w} columns")
+        arr[:, y0 : y0 + n, x0 : x0 + m] = data
 
     # -- mid-stage state ------------------------------------------------------------------
     def state_info(self) -> dict | None:
