@@ -360,6 +360,14 @@ def _die_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _forget_accelerate_state() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def _rank_main(job: Job, joined: bool) -> dict | None:
     """One rank: initialise torch.distributed through Accelerate, run the job, report."""
     import warnings
@@ -378,6 +386,11 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
             warnings.simplefilter("ignore")  # "OMP_NUM_THREADS unset" and backend notes
             # Rank 0 alone creates the store and builds the pyramid while the others wait in a
             # barrier; a dead peer shows as a closed connection or to the launcher, not as this.
+            if not joined:
+                # A forked worker inherits the launcher's Accelerate singletons: if the launching
+                # process had used Accelerate (e.g. training earlier in the same Python), they
+                # would say "one process" and skip initialising the process group.
+                _forget_accelerate_state()
             state = PartialState(cpu=job.device == "cpu",
                                  timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         rank, world = state.process_index, state.num_processes
