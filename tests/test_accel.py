@@ -18,7 +18,7 @@ def _final(out) -> np.ndarray:
 @pytest.fixture(scope="module")
 def eager(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("accel") / "eager.zarr"
-    api.sample(out, 96, model=str(tiny_model), checkpoint_every=0)
+    api.sample(out, 96, model=str(tiny_model), channels_last=False, checkpoint_every=0)
     return out
 
 
@@ -38,10 +38,10 @@ def test_channels_last_wrapper_matches_and_feeds_nhwc(tiny_model):
 
 def test_channels_last_sample_is_recorded_and_close(tiny_model, eager, tmp_path):
     out = tmp_path / "cl.zarr"
-    api.sample(out, 96, model=str(tiny_model), channels_last=True, checkpoint_every=0)
+    api.sample(out, 96, model=str(tiny_model), checkpoint_every=0)  # channels-last by default
     cfg = SlideStore.open(out).info["config"]
     assert cfg["channels_last"] is True and cfg["compile"] is False
-    assert SlideStore.open(eager).info["config"]["channels_last"] is False  # the CPU default
+    assert SlideStore.open(eager).info["config"]["channels_last"] is False
     diff = np.abs(_final(out).astype(int) - _final(eager).astype(int))
     assert diff.max() <= 2, diff.max()
 
@@ -58,7 +58,7 @@ def test_compile_is_wired_through(tiny_model, eager, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     out = tmp_path / "c.zarr"
-    api.sample(out, 96, model=str(tiny_model), compile=True, checkpoint_every=0)
+    api.sample(out, 96, model=str(tiny_model), compile=True, channels_last=False, checkpoint_every=0)
     assert calls == [{"backend": "eager", "dynamic": False}]
     assert SlideStore.open(out).info["config"]["compile"] is True
     assert np.array_equal(_final(out), _final(eager))

@@ -106,8 +106,8 @@ def build_config(model: checkpoint.LoadedModel, model_spec: str, requested: dict
         "sigma_min": mc["sigma_min"], "sigma_max": mc["sigma_max"], "rho": mc["rho"],
         "device_type": device.type, "threads": threads if device.type == "cpu" else None,
         "state_dtype": requested.get("state_dtype", "float32"),
-        # NHWC pays off on GPUs (tensor cores); on CPU it is slower for these small convolutions
-        "channels_last": bool(requested.get("channels_last", device.type == "cuda")),
+        # NHWC: 1.5× faster on this CPU for the default model (64² patches), and the GPU layout
+        "channels_last": bool(requested.get("channels_last", True)),
         "compile": bool(requested.get("compile", False)),
     }
     if not cfg["mpp"] > 0 or cfg["mpp"] == float("inf"):
@@ -337,7 +337,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
     if measure:
         dev = resolve_device(device)
         net = accel.prepare(lm.denoiser, dev, compile=compile,
-                            channels_last=dev.type == "cuda" if channels_last is None else channels_last)
+                            channels_last=True if channels_last is None else channels_last)
         throughput = planning.measure_throughput(net, lm.patch, batch, dev, precision,
                                                  seconds=measure_seconds, mpp=mpp)
         out["measured_on"] = dev.type

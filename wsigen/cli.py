@@ -112,7 +112,7 @@ def sample(
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
     state_dtype: Annotated[str | None, typer.Option(help="float32 or float16: the dtype the state is held in between steps (float16 halves its memory) [default: float32].")] = None,
     state_device: Annotated[str, typer.Option(help="auto, cpu or cuda: where the state band waits between steps (auto: on the GPU when it fits; same bytes either way).")] = "auto",
-    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format for the network [default: on for CUDA, off for CPU].")] = None,
+    channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format for the network [default: on].")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network (a warm-up of seconds to minutes; faster steps on GPUs).")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes sharing the work (with --device cpu: gloo); same bytes for any number.", min=1)] = None,

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="Device for --measure.")] = "auto",
         precision: Annotated[str, typer.Option(help="Precision for --measure.")] = "fp32",
         compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for --measure (as sample --compile).")] = False,
-        channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Memory format for --measure [default: on for CUDA].")] = None,
+        channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="Memory format for --measure [default: on].")] = None,
         state_dtype: Annotated[str, typer.Option(help="float32 or float16 state (as sample --state-dtype).")] = "float32",
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ):

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
         precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
         state_dtype: Annotated[str | None, typer.Option(help="float32 or float16 state between steps [default: float32].")] = None,
-        channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format for the network [default: on for CUDA].")] = None,
+        channels_last: Annotated[bool | None, typer.Option("--channels-last/--no-channels-last", help="NHWC memory format for the network [default: on].")] = None,
         compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network.")] = False,
         threads: Annotated[int | None, typer.Option(help="CPU threads per process (part of the reproducibility key).", min=1)] = None,
         workers: Annotated[int | None, typer.Option(help="Worker processes sharing the work (with --device cpu: gloo); same bytes for any number.", min=1)] = None,
