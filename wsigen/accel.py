@@ -25,6 +25,7 @@ class ChannelsLast(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net.to(memory_format=torch.channels_last)
+        self.pixelwise = getattr(net, "pixelwise", False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor | None = None):
         return self.net(x.contiguous(memory_format=torch.channels_last), sigma, mpp)
@@ -41,7 +42,7 @@ def prepare(denoiser: nn.Module, device: torch.device, *, channels_last: bool = 
             compile: bool = False) -> nn.Module:
     """The denoiser on ``device`` in eval mode, optionally channels-last and/or compiled."""
     net = denoiser.to(device).eval()
-    if channels_last:
+    if channels_last and not getattr(net, "pixelwise", False):  # no convolutions: nothing to gain
         net = ChannelsLast(net)
     if compile:
         backend = os.environ.get(BACKEND_ENV, "inductor")
