@@ -30,9 +30,16 @@ CLI = ["sample", "--model", "gaussian", "--patch", "32", "--size", SIZE, "--step
 BEHIND = 5  # the stage whose writes the tests interfere with
 
 
+@pytest.fixture(autouse=True)
+def _overlap_small_stages(monkeypatch):
+    """These canvases are small: overlap every stage, as a large slide does (also in subprocesses)."""
+    monkeypatch.setenv("WSIGEN_OVERLAP_MIN_PIXELS", "0")
+
+
 def sample(out, overlap: bool, workers: str | None = None, **extra):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WSIGEN_OVERLAP", "1" if overlap else "0")
+        mp.setenv("WSIGEN_OVERLAP_MIN_PIXELS", "0")  # these canvases are small: overlap every stage
         if workers:
             mp.setenv("WSIGEN_IO_WORKERS", workers)
         return api.sample(out, SIZE, **{**OPTS, "checkpoint_every": 0, **extra})
@@ -237,3 +244,25 @@ def test_io_workers_from_the_environment(monkeypatch):
         sampler.io_workers()
     monkeypatch.setenv("WSIGEN_OVERLAP", "off")
     assert not sampler.overlap_default()
+
+
+def test_small_stages_run_their_io_serially(tmp_path, serial, monkeypatch):
+    """Below WSIGEN_OVERLAP_MIN_PIXELS a stage is written in place and its guide read back."""
+    monkeypatch.setenv("WSIGEN_OVERLAP_MIN_PIXELS", str(10**9))
+    started = []
+    real = sampler._WriteBehind.__init__
+
+    def spy(self, *a, **kw):
+        started.append(a[1])
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(sampler._WriteBehind, "__init__", spy)
+    out = tmp_path / "small.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WSIGEN_OVERLAP", "1")
+        api.sample(out, SIZE, **{**OPTS, "checkpoint_every": 0})
+    assert started == []
+    assert_same_store(out, serial)
+    monkeypatch.setenv("WSIGEN_OVERLAP_MIN_PIXELS", "x")
+    with pytest.raises(Exception, match="WSIGEN_OVERLAP_MIN_PIXELS"):
+        sampler.overlap_min_pixels()
