@@ -192,12 +192,6 @@ def to_patches(strip: torch.Tensor, m: int) -> torch.Tensor:
     return strip.reshape(c, m, w // m, m).permute(2, 0, 1, 3).contiguous()
 
 
-def to_strip(x: torch.Tensor) -> torch.Tensor:
-    """(n, C, M, M) patches → (C, M, n·M) strip."""
-    n, c, m, _ = x.shape
-    return x.permute(1, 2, 0, 3).reshape(c, m, n * m)
-
-
 def pad_noise(ctx: StageContext, step: int) -> torch.Tensor:
     """ε of the padding at step ``step``: one (1, 3, M, M) draw keyed by (seed, stage, step).
 
