@@ -16,7 +16,13 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """x ∈ [−1, 1] → round((x + 1)·127.5), clipped: the one conversion used everywhere."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
-    return torch.round((x.to(torch.float32) + 1) * 127.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    return quantize_(x.to(torch.float32, copy=True)).to(torch.uint8).cpu().numpy()
+
+
+def quantize_(t: torch.Tensor) -> torch.Tensor:
+    """In place on a float32 tensor: round((t + 1)·127.5) clamped to [0, 255] (``to_uint8``'s
+    arithmetic, for callers that convert into a reused buffer)."""
+    return t.add_(1).mul_(127.5).round_().clamp_(0, 255)
 
 
 def from_uint8(u: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:

@@ -8,6 +8,7 @@ files or terminals here: guides come in as arrays, progress leaves through callb
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from . import edm, gridshift, keys
 from .canvas import Band, GuideBand
 from .errors import UsageError
 from .gridshift import Patch
+from .guidance import pinv, project_
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,11 @@ class StageContext:
             buf = self._staging[shape] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
         return buf
 
+    @functools.cached_property
+    def bg(self) -> torch.Tensor:
+        """The background colour as a (1, 3, 1, 1) tensor on the device (made once per stage)."""
+        return torch.tensor(self.background, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
+
     def offsets(self, step: int) -> tuple[int, int]:
         return gridshift.grid_offset(self.seed, self.stage, step, self.patch, self.k, self.shift)
 
@@ -219,7 +226,7 @@ class _Segment:
         self.n = n
         self.ya, self.yb = max(y0, 0), min(y0 + m, ctx.height)
         self.xa, self.xb = max(self.x0, 0), min(self.x0 + n * m, ctx.width)
-        self.bg = torch.tensor(ctx.background, dtype=torch.float32, device=dev).reshape(1, 3, 1, 1)
+        self.bg = ctx.bg
         self.mask = self.eps = None
         padded = [j for j, x0 in enumerate(xs)
                   if not (y0 >= 0 and y0 + m <= ctx.height and x0 >= 0 and x0 + m <= ctx.width)]
@@ -389,8 +396,6 @@ def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], 
     The network sees fixed batches of ``settings.batch`` non-glass patches, left to right;
     glass patches take u = A†y without the network.
     """
-    from .guidance import pinv, project_
-
     glass_idx = [j for j, g in enumerate(glass) if g] if glass else []
     active = [j for j in range(len(xs)) if not glass or not glass[j]]
     seg = _Segment(ctx, i, y0, xs, band, guide if (project_now or glass_idx) else None, eps)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import faults, gridshift, keys, stopping
-from .canvas import Band, GuideBand, to_uint8
+from .canvas import Band, GuideBand, quantize_, to_uint8
 from .cascade import Settings, StageContext, StagePlan, diffuse, stage_patch_count
 from .checkpoint import LoadedModel
 from .errors import WsigenError
@@ -134,9 +134,9 @@ def io_workers() -> int:
 
 
 def overlap_min_pixels() -> int:
-    """Stages with fewer pixels run their store I/O serially (threads cost more than they save
-    there: a 1024² slide took 0.63 s overlapped, 0.53 s serially). ``WSIGEN_OVERLAP_MIN_PIXELS``,
-    default 2048²."""
+    """Stages with fewer pixels run their store I/O serially. ``WSIGEN_OVERLAP_MIN_PIXELS``,
+    default 2048². At 1024² the two paths measure within noise of each other (docs/performance.md,
+    "Scaling"), so this only keeps small stages on the simpler path."""
     v = os.environ.get("WSIGEN_OVERLAP_MIN_PIXELS", str(2048 * 2048))
     try:
         return max(0, int(v))
@@ -220,9 +220,9 @@ def _scratch_tensor(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
 def _to_uint8_into(src: torch.Tensor, out: np.ndarray) -> None:
     """``out[...] = canvas.to_uint8(src)`` for (3, n, w), a column block at a time.
 
-    On the CPU the same operations as ``to_uint8`` — to float32, +1, ×127.5, round half to
-    even, clamp to [0, 255], cast — run in place in a per-thread buffer, so the bytes are the
-    same (tests/test_io_overlap.py) and no float temporaries are allocated per block.
+    On the CPU ``to_uint8``'s arithmetic (``canvas.quantize_``) runs in place in a per-thread
+    buffer, so the bytes are the same (tests/test_io_overlap.py) and no float temporaries are
+    allocated per block.
     """
     dst = torch.from_numpy(out)
     step = max(CHUNK, _CONVERT_PX // max(src.shape[1], 1))
@@ -232,8 +232,7 @@ def _to_uint8_into(src: torch.Tensor, out: np.ndarray) -> None:
             dst[:, :, x0 : x0 + step].copy_(torch.from_numpy(to_uint8(s)))
             continue
         t = _scratch_tensor("float", s.numel(), torch.float32).view(s.shape)
-        t.copy_(s).add_(1).mul_(127.5).round_().clamp_(0, 255)
-        dst[:, :, x0 : x0 + step].copy_(t)
+        dst[:, :, x0 : x0 + step].copy_(quantize_(t.copy_(s)))
 
 
 class _WriteBehind:
