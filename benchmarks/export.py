@@ -83,7 +83,7 @@ def build_store(path: Path, size: int, mpp: float = 0.5, seed: int = 0) -> dict:
     """A complete one-stage store of ``size``² synthetic tissue, pyramid included; timings."""
     import torch
 
-    from wsigen.store import CHUNK, SlideStore
+    from wsigen.slides.store import CHUNK, SlideStore
 
     rng = np.random.default_rng(seed)
     period = min(size, PERIOD)  # larger slides repeat a PERIOD² pattern (cheap to make)
@@ -126,7 +126,7 @@ def child_wsigen(store: str, out: str, quality: int, tile: int, workers: int | N
     import imagecodecs  # noqa: F401  (imports outside the clock, as for libvips)
     import tifffile  # noqa: F401
 
-    from wsigen.exporting import export
+    from wsigen.slides.exporting import export
 
     c0, t0 = cpu_seconds(), time.perf_counter()
     r = export(store, out, format="ome-tiff", compression="jpeg", quality=quality, tile=tile,
@@ -212,7 +212,7 @@ def main() -> None:
     store, ours, theirs = work / "bench.zarr", work / "wsigen.ome.tif", work / "vips.tif"
     try:
         if a.reuse and (store / "zarr.json").exists():
-            from wsigen.store import SlideStore
+            from wsigen.slides.store import SlideStore
 
             s = SlideStore.open(store)
             if not s.complete or s.level_array(0).shape != (3, a.size, a.size):

@@ -79,11 +79,11 @@ def pieces(size: int, repeat: int, threads: int) -> dict:
     """Noise fill and the writing of a size² stage alone: 1 thread vs io_workers()."""
     import torch
 
-    from wsigen import sampler
-    from wsigen.canvas import Band
-    from wsigen.cascade import Settings, StageContext
+    from wsigen.method.canvas import Band
+    from wsigen.method.cascade import Settings, StageContext
     from wsigen.nets import GaussianDenoiser
-    from wsigen.store import SlideStore
+    from wsigen.run import sampler
+    from wsigen.slides.store import SlideStore
 
     torch.set_num_threads(threads)  # as in the runs (intra-op threads would compete with the pool's)
     s = Settings(steps=8, guided_steps=6).validate()

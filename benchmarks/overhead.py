@@ -10,7 +10,8 @@ import time
 import torch
 from common import save
 
-from wsigen import api, checkpoint
+from wsigen import api
+from wsigen.slides import checkpoint
 
 
 class Timed(torch.nn.Module):

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from common import save
 
-from wsigen import accel
-from wsigen.canvas import GuideBand
-from wsigen.cascade import Settings, StageContext, diffuse, initial_band
+from wsigen.method.canvas import GuideBand
+from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band
 from wsigen.nets import GaussianDenoiser
+from wsigen.run import accel
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 from common import save
 
 from wsigen import api
-from wsigen.store import SlideStore
+from wsigen.slides.store import SlideStore
 
 
 def final(out: Path) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from common import save
 
-from wsigen.guidance import avgpool, project_
+from wsigen.method.guidance import avgpool, project_
 
 
 def best_us(fn, reps: int = 40, rounds: int = 5) -> float:

@@ -8,14 +8,14 @@ import argparse
 import torch
 from common import save
 
-from wsigen import accel
-from wsigen.checkpoint import build_denoiser, make_config
-from wsigen.planning import measure_throughput
+from wsigen.run import accel
+from wsigen.run.throughput import measure_throughput
+from wsigen.slides.checkpoint import build_denoiser, make_config
 
 
 def configs() -> dict:
     """The bundled default model's architecture, and a UNet of about 30 GFLOP per 512² patch."""
-    from wsigen.checkpoint import default_model_path, read_config
+    from wsigen.slides.checkpoint import default_model_path, read_config
 
     return {
         "default": read_config(default_model_path())["arch"],

@@ -68,9 +68,9 @@ def capacity() -> float:
 
 def predicted_bytes_per_step(size: int, patch: int, k: int, steps: int, seed: int,
                              world: int) -> float:
-    from wsigen.cascade import plan_stages
-    from wsigen.distributed import step_exchange
-    from wsigen.gridshift import grid_offset
+    from wsigen.method.cascade import plan_stages
+    from wsigen.method.gridshift import grid_offset
+    from wsigen.run.distributed import step_exchange
 
     total = n = 0
     for p in plan_stages(size, size, patch, k, 1.0):
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2, help="runs of each; the fastest counts")
     a = ap.parse_args()
-    from wsigen.checkpoint import init_model
+    from wsigen.slides.checkpoint import init_model
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

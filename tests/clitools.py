@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from wsigen.cli import app
+from wsigen.cli.app import app
 
 SVS = str(Path(__file__).parent / "data" / "cmu_small_region.svs")
 _runner = CliRunner()

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A small untrained convolutional UNet checkpoint (patch 32): shows batch/seam/boundary effects."""
-    from wsigen.checkpoint import init_model
+    from wsigen.slides.checkpoint import init_model
 
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     init_model(path, {"width": 8, "mults": [1, 2]}, seed=1, patch=32, steps=6, guided_steps=4,

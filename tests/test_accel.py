@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from wsigen import accel, api, checkpoint
-from wsigen.store import SlideStore
+from wsigen import api
+from wsigen.run import accel
+from wsigen.slides import checkpoint
+from wsigen.slides.store import SlideStore
 
 
 def _final(out) -> np.ndarray:

@@ -3,11 +3,11 @@
 import numpy as np
 import torch
 
-from wsigen.canvas import GuideBand, to_uint8
-from wsigen.cascade import GlassMap, Settings, StageContext, diffuse, initial_band
-from wsigen.checkpoint import load_model
-from wsigen.gridshift import Patch
+from wsigen.method.canvas import GuideBand, to_uint8
+from wsigen.method.cascade import GlassMap, Settings, StageContext, diffuse, initial_band
+from wsigen.method.gridshift import Patch
 from wsigen.nets import GaussianDenoiser
+from wsigen.slides.checkpoint import load_model
 
 BG = (242, 240, 244)
 

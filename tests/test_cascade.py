@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from wsigen import api
-from wsigen.canvas import Band, GuideBand, from_uint8, to_uint8
-from wsigen.cascade import Settings, StageContext, _Segment, diffuse, initial_band, plan_stages
-from wsigen.checkpoint import load_model
-from wsigen.gridshift import Patch
-from wsigen.guidance import avgpool
+from wsigen.method.canvas import Band, GuideBand, from_uint8, to_uint8
+from wsigen.method.cascade import Settings, StageContext, _Segment, diffuse, initial_band, plan_stages
+from wsigen.method.gridshift import Patch
+from wsigen.method.guidance import avgpool
 from wsigen.nets import GaussianDenoiser
-from wsigen.store import SlideStore
+from wsigen.slides.checkpoint import load_model
+from wsigen.slides.store import SlideStore
 
 
 def test_plan_65536_matches_paper():
@@ -171,7 +171,7 @@ def test_uint8_conversion_is_one_function():
 @pytest.mark.parametrize("n,batch,patch", [(33, 8, 64), (200, 8, 64), (129, 8, 64), (17, 8, 512), (3, 8, 512),
                                            (1, 1, 32), (257, 5, 64), (64, 64, 64)])
 def test_row_segments_are_whole_batches_that_cover_the_row(n, batch, patch):
-    from wsigen.cascade import row_segments, segment_cap
+    from wsigen.method.cascade import row_segments, segment_cap
 
     segs = row_segments(n, batch, patch)
     assert segs[0][0] == 0 and segs[-1][1] == n

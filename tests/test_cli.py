@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from wsigen.cli import app
+from wsigen.cli.app import app
 
 runner = CliRunner()
 

@@ -19,11 +19,11 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from wsigen import launch
-from wsigen.cli import app
-from wsigen.distributed import DistTopology, chunk_rows, exchange_plan
+from wsigen.cli.app import app
 from wsigen.errors import UsageError, WsigenError
-from wsigen.gridshift import axis_starts, row_span
+from wsigen.method.gridshift import axis_starts, row_span
+from wsigen.run import launch
+from wsigen.run.distributed import DistTopology, chunk_rows, exchange_plan
 
 runner = CliRunner()
 WSIGEN = str(Path(sys.executable).with_name("wsigen"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsigen import edm
-from wsigen.cascade import Settings, StageContext, diffuse, initial_band
+from wsigen.method import edm
+from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band
 from wsigen.nets import GaussianDenoiser
 
 
@@ -129,7 +129,7 @@ def test_edm_loss_weighting_is_unit_at_optimum():
 
 
 def test_initial_noise_bands_agree():
-    from wsigen import keys
+    from wsigen.method import keys
 
     full = keys.initial_noise(5, 2, 300, 270, 0, 300)
     parts = np.concatenate([keys.initial_noise(5, 2, 300, 270, a, b)

@@ -10,8 +10,10 @@ import torch
 from clitools import SVS
 from clitools import invoke as run
 
-from wsigen import api, evaluate, metrics, readers
-from wsigen.store import SlideStore
+from wsigen import api
+from wsigen.judge import evaluate, metrics
+from wsigen.slides import readers
+from wsigen.slides.store import SlideStore
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def smooth_random_unet(path, steps: int, guided: int):
     (Plain random weights give white noise in which no seam can be seen.)"""
     from safetensors.torch import load_file
 
-    from wsigen.checkpoint import build_denoiser, init_model, read_config, save_checkpoint
+    from wsigen.slides.checkpoint import build_denoiser, init_model, read_config, save_checkpoint
 
     init_model(path, {"width": 8, "mults": [1, 2]}, seed=1, patch=32, steps=steps, guided_steps=guided)
     cfg = read_config(path)

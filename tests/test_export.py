@@ -18,9 +18,9 @@ from test_store import SHA, make_store, tissue_mask
 from typer.testing import CliRunner
 
 import wsigen
-from wsigen.cli import app
+from wsigen.cli.app import app
 from wsigen.errors import UsageError, WsigenError
-from wsigen.exporting import Codec, chunk_reader, encoded_tiles, export, write_png
+from wsigen.slides.exporting import Codec, chunk_reader, encoded_tiles, export, write_png
 
 SUFFIX = {"ome-tiff": ".ome.tif", "tiff": ".tif", "svs": ".svs", "dzi": ".dzi", "png": ".png"}
 MPP, SEED, TILE = 0.25, 5, 256

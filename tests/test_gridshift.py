@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from wsigen import gridshift
-from wsigen.gridshift import Patch
+from wsigen.method import gridshift
+from wsigen.method.gridshift import Patch
 
 
 @pytest.mark.parametrize("patch,k", [(64, 2), (512, 2), (48, 3), (32, 4)])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsigen.guidance import avgpool, pinv, project
+from wsigen.method.guidance import avgpool, pinv, project
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])

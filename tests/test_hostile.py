@@ -17,8 +17,8 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from wsigen.checkpoint import META_KEY
-from wsigen.cli import app
+from wsigen.cli.app import app
+from wsigen.slides.checkpoint import META_KEY
 
 G = ["--model", "gaussian", "--patch", "32", "--steps", "2"]
 
@@ -85,7 +85,7 @@ def build_cases(tmp: Path, tiny: Path) -> list[tuple[str, list, int, str]]:
     cases.append(("pickle .pth checkpoint", ["sample", "--model", pth, "-o", out], 1, "safetensors"))
     from safetensors.torch import load_file
 
-    from wsigen.checkpoint import read_config
+    from wsigen.slides.checkpoint import read_config
 
     cfg = read_config(tiny)
     w = load_file(str(tiny))

@@ -15,12 +15,14 @@ import torch
 from clitools import wsigen
 from test_resume import assert_same_store
 
-from wsigen import api, faults, keys, sampler
-from wsigen.canvas import Band, to_uint8
-from wsigen.cascade import Settings, StageContext, initial_band
+from wsigen import api, faults
 from wsigen.errors import WsigenError
+from wsigen.method import keys
+from wsigen.method.canvas import Band, to_uint8
+from wsigen.method.cascade import Settings, StageContext, initial_band
 from wsigen.nets import GaussianDenoiser
-from wsigen.store import SlideStore
+from wsigen.run import sampler
+from wsigen.slides.store import SlideStore
 
 # 7 stages; stage 5 (550 × 600) has two chunk rows and is written behind stage 6 (1100 × 1200).
 SIZE = "1200x1100"

@@ -1,6 +1,7 @@
 """Planning counts agree with design.md §3 and with what the sampler actually does."""
 
-from wsigen import api, planning
+from wsigen import api
+from wsigen.method import planning
 
 
 def test_counts_match_design_table_shape():
@@ -24,7 +25,7 @@ def test_plan_cli_json_and_estimate():
 
     from typer.testing import CliRunner
 
-    from wsigen.cli import app
+    from wsigen.cli.app import app
 
     r = CliRunner().invoke(app, ["plan", "--size", "65536", "--gpus", "4", "--model", "gaussian",
                                  "--patch", "512", "--throughput", "40", "--json"])

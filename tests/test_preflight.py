@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from wsigen import planning, preflight
-from wsigen.cascade import plan_stages
-from wsigen.cli import app
+from wsigen.cli.app import app
 from wsigen.errors import WsigenError
+from wsigen.method import planning
+from wsigen.method.cascade import plan_stages
+from wsigen.run import preflight
 
 GB = 10**9
 BIG = plan_stages(65536, 65536, 512, 2, 0.5)  # design.md §3: 7 stages, 51.5 GB of state
@@ -84,8 +85,10 @@ def test_free_disk_of_a_path_not_yet_created(tmp_path):
 @pytest.mark.parametrize("rank, verdict", [(0, None), (1, 1), (1, 0)])
 def test_rank0_decides_for_every_rank(tmp_path, monkeypatch, rank, verdict):
     """Only rank 0 measures; the others follow its broadcast verdict (no rank waits alone)."""
-    from wsigen import api, checkpoint, sampler
-    from wsigen.cascade import Settings
+    from wsigen import api
+    from wsigen.method.cascade import Settings
+    from wsigen.run import sampler
+    from wsigen.slides import checkpoint
 
     class Topo(sampler.Topology):
         world = 2
@@ -120,7 +123,7 @@ def test_sample_refuses_before_writing(tmp_path, monkeypatch):
 def test_state_device_choice():
     """auto puts the band on the GPU only when band + buffers fit in a share of its free memory."""
     from wsigen.errors import UsageError, WsigenError
-    from wsigen.preflight import DEVICE_STATE_SHARE, state_device
+    from wsigen.run.preflight import DEVICE_STATE_SHARE, state_device
 
     gib = 2**30
     assert state_device("auto", "cpu", 10 * gib, gib, None) == "cpu"

@@ -8,7 +8,8 @@ from clitools import SVS
 from clitools import invoke as run
 from PIL import Image
 
-from wsigen import preview, readers
+from wsigen.judge import preview
+from wsigen.slides import readers
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_preview_usage_errors(store, tmp_path, args, code, text):
 def test_preview_refuses_incomplete_store_and_bad_suffix(store, tmp_path):
     import shutil
 
-    from wsigen.store import SlideStore
+    from wsigen.slides.store import SlideStore
 
     bad = tmp_path / "i.zarr"
     shutil.copytree(store, bad)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsigen import readers
 from wsigen.errors import WsigenError
+from wsigen.slides import readers
 
 DATA = Path(__file__).parent / "data"
 SVS = DATA / "cmu_small_region.svs"

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from wsigen import api, faults
-from wsigen.cli import app
-from wsigen.store import SlideStore
+from wsigen.cli.app import app
+from wsigen.slides.store import SlideStore
 
 ARGS = ["--size", "160x128", "--steps", "4", "--device", "cpu", "--threads", "1", "--seed", "3"]
 runner = CliRunner()

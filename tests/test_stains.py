@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsigen import stains
 from wsigen.errors import WsigenError
+from wsigen.judge import stains
 
 # two H&E bases, unit columns (haematoxylin first)
 HE_A = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from wsigen import api, faults, preflight
-from wsigen.cascade import Settings, StageContext, diffuse, initial_band, plan_stages
+from wsigen import api, faults
 from wsigen.errors import UsageError
+from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band, plan_stages
 from wsigen.nets import GaussianDenoiser
-from wsigen.store import SlideStore
+from wsigen.run import preflight
+from wsigen.slides.store import SlideStore
 
 
 def _final(out) -> np.ndarray:

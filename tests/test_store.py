@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import zarr
 
-from wsigen import store as st
 from wsigen.errors import WsigenError
-from wsigen.store import SlideStore, downsample2, level_shapes
+from wsigen.slides import store as st
+from wsigen.slides.store import SlideStore, downsample2, level_shapes
 
 BG = (242, 240, 244)
 SHA = "5a" * 32
@@ -288,7 +288,7 @@ def test_killed_chunk_write_leaves_old_chunk(tmp_path):
     child = textwrap.dedent(f"""
         import os, signal, numpy as np
         from pathlib import Path
-        from wsigen.store import SlideStore
+        from wsigen.slides.store import SlideStore
         real_open = Path.open
         class Dying:
             def __init__(self, f): self.f = f
@@ -343,7 +343,7 @@ def test_killed_pyramid_then_finalize_is_byte_identical(tmp_path):
     """WSIGEN_FAULT=pyramid-chunk:N kills finalize midway (a real SIGKILL); finalizing again gives
     the same bytes as an uninterrupted finalize."""
     s = make_store(tmp_path / "p.zarr", 1300, 1000, finalize=False)
-    child = (f"from wsigen.store import SlideStore; "
+    child = (f"from wsigen.slides.store import SlideStore; "
              f"SlideStore.open({str(s.path)!r}, 'r+').finalize(0.5, 'p', min_side=256)")
     env = {**os.environ, "WSIGEN_FAULT": "pyramid-chunk:5"}
     r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, timeout=120)

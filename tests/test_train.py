@@ -13,10 +13,12 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from wsigen import checkpoint, edm, readers, stains
-from wsigen.commands import train as train_cmd
+from wsigen.cli import train as train_cmd
 from wsigen.errors import UsageError, WsigenError
-from wsigen.train import TrainConfig, data, loss_history, train
+from wsigen.judge import stains
+from wsigen.method import edm
+from wsigen.slides import checkpoint, readers
+from wsigen.training import TrainConfig, data, loss_history, train
 
 GLASS = (240, 238, 245)
 TINY = dict(
@@ -246,7 +248,7 @@ def test_cli_passes_options(monkeypatch, tmp_path):
         seen.update(slides=slides, out=output, **kw)
         return {"finished": True, "step": 7, "checkpoint": str(output / "model.safetensors")}
 
-    monkeypatch.setattr("wsigen.train.train", fake_train)
+    monkeypatch.setattr("wsigen.training.train", fake_train)
     r = CliRunner().invoke(
         _app(),
         [

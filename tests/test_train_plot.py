@@ -1,4 +1,4 @@
-"""``wsigen.train.plot``: loss curves from loss.jsonl drawn with Pillow, and its command line."""
+"""``wsigen.training.plot``: loss curves from loss.jsonl drawn with Pillow, and its command line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from wsigen.errors import UsageError
-from wsigen.train import plot
+from wsigen.training import plot
 
 
 def _write(path, steps, losses, batch=16):

@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from wsigen import api
-from wsigen.cli import app
-from wsigen.store import SlideStore
+from wsigen.cli.app import app
+from wsigen.slides.store import SlideStore
 
 SVS = Path(__file__).parent / "data" / "cmu_small_region.svs"
 
@@ -76,7 +76,7 @@ def test_target_mpp_and_svs_region(tmp_path):
                     model="gaussian", patch=32, steps=4, guided_steps=4, device="cpu",
                     allow_extrapolation=True)
     assert (s["width"], s["height"]) == (80, 48) and abs(s["mpp"] - 0.2495) < 1e-3
-    from wsigen.readers import open_image
+    from wsigen.slides.readers import open_image
 
     with open_image(SVS) as slide:
         ref = slide.read_region(1000, 1200, 40, 24)
@@ -227,7 +227,7 @@ def test_cli_more_gpus_than_devices(tmp_path):
 def test_done_when_default_model_mpp2_factor4_then_ome_tiff(tmp_path):
     """The issue's acceptance command: a small image at 2 µm/px, ×4 with the bundled model
     (0.5 µm/px is inside its trained range), then exported to OME-TIFF."""
-    from wsigen.readers import open_image
+    from wsigen.slides.readers import open_image
 
     with open_image(SVS) as slide:  # 0.499 µm/px: a 512² region pooled ×4 is ≈ 2 µm/px
         region = slide.read_region(800, 600, 512, 512).transpose(2, 0, 1)

@@ -1,11 +1,18 @@
-"""wsigen: gigapixel synthetic H&E whole-slide images with guided, grid-shifted diffusion."""
+"""wsigen: gigapixel synthetic H&E whole-slide images with guided, grid-shifted diffusion.
 
-__version__ = "0.1.0"
+The public API (``docs/api.md``): ``sample``, ``upscale``, ``export``, ``train``, ``plan``, ``info``,
+``preview``, ``evaluate``. They live in ``wsigen.api`` and load on first use, so ``import wsigen``
+stays light (the API imports torch).
+"""
+
+from .version import __version__  # noqa: F401
+
+__all__ = ["sample", "upscale", "export", "train", "plan", "info", "preview", "evaluate"]
 
 
-def __getattr__(name):  # the API imports torch; keep `import wsigen` light until it is used
-    if name in ("sample", "export", "info", "plan", "upscale"):
+def __getattr__(name):
+    if name in __all__:
         from . import api
 
         return getattr(api, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, accel, cascade, checkpoint, sampler
-from .cascade import Settings
 from .errors import UsageError, WsigenError
-from .exporting import export  # noqa: F401  (re-exported: wsigen.export)
-from .store import SlideStore, info  # noqa: F401  (info re-exported: wsigen.info)
+from .method import cascade
+from .method.cascade import Settings
+from .run import accel, sampler
+from .run.devices import resolve_device
+from .slides import checkpoint
+from .slides.exporting import export  # noqa: F401  (re-exported: wsigen.export)
+from .slides.store import SlideStore, info  # noqa: F401  (info re-exported: wsigen.info)
+from .version import __version__
 
 # Options that form a slide's configuration (stored in the store; --resume reuses them).
 CONFIG_KEYS = ("width", "height", "mpp", "model", "patch", "seed", "steps", "guided_steps", "solver",
@@ -48,16 +52,6 @@ def parse_size(size: str | int | tuple[int, int]) -> tuple[int, int]:
     if w > 2**22 or h > 2**22:
         raise UsageError(f"size {w}x{h} exceeds the supported maximum of {2**22} px per side")
     return w, h
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WsigenError("--device cuda: no CUDA device is available (use --device cpu)")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu, cuda or auto (got {device})")
-    return torch.device(device)
 
 
 def settings_of(cfg: dict) -> Settings:
@@ -149,14 +143,15 @@ def _merge_resume(stored: dict, requested: dict) -> dict:
 
 def preflight_state_device(choice: str, dev: torch.device) -> None:
     """Refuse a bad ``--state-device`` before anything is read or written."""
-    from . import preflight
+    from .run import preflight
 
     preflight.state_device(choice, dev.type, 0, 0, None)
 
 
 def _state_device(choice: str, dev: torch.device, plans, lm, settings: Settings, world: int) -> str:
     """``--state-device``: this process's band on the GPU when it fits (see preflight.state_device)."""
-    from . import planning, preflight
+    from .method import planning
+    from .run import preflight
 
     mem = planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch, lm.config["k"], world,
                                    settings.batch, sum(p.numel() for p in lm.denoiser.parameters()),
@@ -171,7 +166,7 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
 
     Returns rank 0's ``preflight.Needs`` (``state_line()`` says the state per process), else None.
     """
-    from . import preflight
+    from .run import preflight
 
     error = needs = None
     if topo.rank == 0:
@@ -249,7 +244,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         torch.set_num_threads(cfg["threads"])
     settings = settings_of(cfg)
     if cfg.get("input"):
-        from . import upscaling as up
+        from .run import upscaling as up
 
         plans = up.plans_for(cfg, lm.config["k"])
         up.check_range(plans, lm.config, allow_extrapolation)
@@ -283,7 +278,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
         if store is None:
             store = SlideStore.open(out, mode="r+")
     if cfg.get("input") and topo.rank == 0 and not store.stage_complete(0):
-        from . import upscaling as up
+        from .run import upscaling as up
 
         up.write_input(store, cfg)
     topo.barrier()
@@ -314,7 +309,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
          channels_last: bool | None = None, state_dtype: str = "float32") -> dict:
     """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
-    from . import planning
+    from .method import planning
 
     if world < 1:
         raise UsageError(f"process count must be at least 1 (got {world})")
@@ -335,10 +330,12 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
                                                           2 if state_dtype == "float16" else 4),
            "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4)}
     if measure:
+        from .run.throughput import measure_throughput
+
         dev = resolve_device(device)
         net = accel.prepare(lm.denoiser, dev, compile=compile,
                             channels_last=True if channels_last is None else channels_last)
-        throughput = planning.measure_throughput(net, lm.patch, batch, dev, precision,
+        throughput = measure_throughput(net, lm.patch, batch, dev, precision,
                                                  seconds=measure_seconds, mpp=mpp)
         out["measured_on"] = dev.type
     if throughput:
@@ -348,7 +345,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
 
 
 def upscale(input, out, **options) -> dict:
-    """Super-resolve an image or slide region (see ``wsigen.upscaling.upscale``)."""
-    from .upscaling import upscale as run_upscale
+    """Super-resolve an image or slide region (see ``wsigen.run.upscaling.upscale``)."""
+    from .run.upscaling import upscale as run_upscale
 
     return run_upscale(input, out, **options)

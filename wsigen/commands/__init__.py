@@ -1,1 +1,0 @@
-"""CLI command groups, one module each; ``wsigen.cli`` registers every module's ``register(app)``."""

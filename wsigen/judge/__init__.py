@@ -1,0 +1,1 @@
+"""Judging slides: evaluation reports, metrics, previews and stain statistics."""
