@@ -27,12 +27,12 @@ CHILD = r"""
 import json, resource, sys, tempfile, time
 import torch
 import wsigen.api as api
-from wsigen import sampler
+from wsigen.run import sampler, stageio
 torch.set_num_threads(int(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 size, steps, device, idle = int(sys.argv[1]), int(sys.argv[2]), sys.argv[4], float(sys.argv[5])
 if idle:  # stand-in for an accelerator: every denoiser call also waits, CPU idle and GIL free
-    from wsigen import checkpoint
+    from wsigen.slides import checkpoint
     load = checkpoint.load_model
 
     def load_model(*a, **k):
@@ -80,9 +80,9 @@ def pieces(size: int, repeat: int, threads: int) -> dict:
     import torch
 
     from wsigen.method.canvas import Band
-    from wsigen.method.cascade import Settings, StageContext
+    from wsigen.method.stages import Settings, StageContext
     from wsigen.nets import GaussianDenoiser
-    from wsigen.run import sampler
+    from wsigen.run import sampler, stageio
     from wsigen.slides.store import SlideStore
 
     torch.set_num_threads(threads)  # as in the runs (intra-op threads would compete with the pool's)
@@ -91,15 +91,15 @@ def pieces(size: int, repeat: int, threads: int) -> dict:
                        mpp=1.0, patch=64, k=2, background=(0.9, 0.9, 0.9), device=torch.device("cpu"))
     band = Band(size, size, 0, size, torch.empty(3, size, size))
     band.data.uniform_(-1, 1)
-    n = sampler.io_workers()
+    n = stageio.io_workers()
     out = {"io_workers": n}
     with tempfile.TemporaryDirectory() as d:
         info = {"torch_version": "", "config": {}, "key": {}, "model": {"name": "bench"}, "seed": 0,
                 "mpp_per_stage": [1.0]}
         store = SlideStore.create(d + "/w.zarr", stages=[{"index": 0, "height": size, "width": size,
                                                            "mpp": 1.0}], final=(size, size), info=info)
-        for name, fn in (("noise_fill", lambda w: sampler.fill_noise(ctx, band, w)),
-                         ("stage_write", lambda w: sampler.write_stage(store, ctx, band, True, (size, size),
+        for name, fn in (("noise_fill", lambda w: stageio.fill_noise(ctx, band, w)),
+                         ("stage_write", lambda w: stageio.write_stage(store, ctx, band, True, (size, size),
                                                                        sampler.Topology(), w))):
             for w in (1, n):
                 best = min(_timed(fn, w) for _ in range(repeat))

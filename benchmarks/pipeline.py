@@ -11,7 +11,8 @@ import torch
 from common import save
 
 from wsigen.method.canvas import GuideBand
-from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band
+from wsigen.method.cascade import diffuse, initial_band
+from wsigen.method.stages import Settings, StageContext
 from wsigen.nets import GaussianDenoiser
 from wsigen.run import accel
 

@@ -68,8 +68,8 @@ def capacity() -> float:
 
 def predicted_bytes_per_step(size: int, patch: int, k: int, steps: int, seed: int,
                              world: int) -> float:
-    from wsigen.method.cascade import plan_stages
     from wsigen.method.gridshift import grid_offset
+    from wsigen.method.stages import plan_stages
     from wsigen.run.distributed import step_exchange
 
     total = n = 0

@@ -8,6 +8,8 @@ import torch
 
 from wsigen import api
 from wsigen.run import accel
+from wsigen.run.config import Request, RunSpec, SlideConfig
+from wsigen.run.session import merge_resume
 from wsigen.slides import checkpoint
 from wsigen.slides.store import SlideStore
 
@@ -65,9 +67,9 @@ def test_compile_is_wired_through(tiny_model, eager, tmp_path, monkeypatch):
     assert SlideStore.open(out).info["config"]["compile"] is True
     assert np.array_equal(_final(out), _final(eager))
     stored = SlideStore.open(out).info["config"]
-    assert "compile" in api.KEY_KEYS and "channels_last" in api.KEY_KEYS
+    assert "compile" in SlideConfig.KEY_FIELDS and "channels_last" in SlideConfig.KEY_FIELDS
     with pytest.raises(Exception, match="compile False"):  # --resume cannot change it
-        api._merge_resume(stored, {"compile": False})
+        merge_resume(stored, RunSpec(str(out), Request(compile=False)), torch.device("cpu"))
 
 
 def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):

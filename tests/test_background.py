@@ -4,8 +4,9 @@ import numpy as np
 import torch
 
 from wsigen.method.canvas import GuideBand, to_uint8
-from wsigen.method.cascade import GlassMap, Settings, StageContext, diffuse, initial_band
+from wsigen.method.cascade import GlassMap, diffuse, initial_band
 from wsigen.method.gridshift import Patch
+from wsigen.method.stages import Settings, StageContext
 from wsigen.nets import GaussianDenoiser
 from wsigen.slides.checkpoint import load_model
 

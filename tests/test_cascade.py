@@ -6,9 +6,10 @@ import torch
 
 from wsigen import api
 from wsigen.method.canvas import Band, GuideBand, from_uint8, to_uint8
-from wsigen.method.cascade import Settings, StageContext, _Segment, diffuse, initial_band, plan_stages
+from wsigen.method.cascade import _Segment, diffuse, initial_band
 from wsigen.method.gridshift import Patch
 from wsigen.method.guidance import avgpool
+from wsigen.method.stages import Settings, StageContext, plan_stages
 from wsigen.nets import GaussianDenoiser
 from wsigen.slides.checkpoint import load_model
 from wsigen.slides.store import SlideStore

@@ -19,11 +19,12 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
+from wsigen import api
 from wsigen.cli.app import app
 from wsigen.errors import UsageError, WsigenError
 from wsigen.method.gridshift import axis_starts, row_span
-from wsigen.run import launch
-from wsigen.run.distributed import DistTopology, chunk_rows, exchange_plan
+from wsigen.run.config import Request, RunSpec
+from wsigen.run.distributed import DistTopology, chunk_rows, exchange_plan, plan_line
 
 runner = CliRunner()
 WSIGEN = str(Path(sys.executable).with_name("wsigen"))
@@ -112,7 +113,7 @@ def test_regroup_random_layouts_three_ranks():
 def _sample(out, workers, **kw):
     opts = dict(size="192x160", steps=4, threads=1, device="cpu", batch=3, checkpoint_every=2)
     opts.update(kw)
-    return launch.sample(out, workers=workers, **opts)
+    return api.sample(out, workers=workers, **opts)
 
 
 def test_tiny_unet_same_bytes_for_1_2_3_workers(tmp_path, tiny_model):
@@ -157,7 +158,7 @@ def test_more_gpus_than_devices_fails_before_work(tmp_path):
 def test_joined_job_with_other_worker_count_is_usage_error(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="WORLD_SIZE=4"):
-        launch.sample(tmp_path / "x.zarr", 64, workers=2, model="gaussian", patch=32)
+        api.sample(tmp_path / "x.zarr", 64, workers=2, model="gaussian", patch=32)
 
 
 @pytest.mark.parametrize("fault", ["chunk-row:1", "state-chunk:1"])
@@ -173,7 +174,7 @@ def test_dead_worker_is_named_and_store_resumes(tmp_path, monkeypatch, fault):
     assert e.value.exit_code == 1
     monkeypatch.delenv("WSIGEN_FAULT")
     assert not zarr.open_group(str(out), mode="r").attrs["wsigen"]["complete"]
-    launch.sample(out, workers=3, device="cpu", resume=True)  # any number of workers
+    api.sample(out, workers=3, device="cpu", resume=True)  # any number of workers
     same_store(ref, out)
 
 
@@ -184,28 +185,28 @@ def test_count_writes_slides_and_manifest_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("WSIGEN_FAULT", "stage:2")  # the 2nd stage a process completes
     monkeypatch.setenv("WSIGEN_FAULT_RANK", "1")
     with pytest.raises(WsigenError, match="rank 1"):
-        launch.sample(root, workers=2, count=3, **opts)
+        api.sample(root, workers=2, count=3, **opts)
     monkeypatch.delenv("WSIGEN_FAULT")
     m = json.loads((root / "manifest.json").read_text())
     assert [s["seed"] for s in m["slides"]] == [5, 6, 7] and not m["complete"]
     assert m["slides"][1]["status"] == "partial"  # rank 1's slide, killed after its 2nd stage
-    s = launch.sample(root, workers=2, resume=True, device="cpu")
+    s = api.sample(root, workers=2, resume=True, device="cpu")
     assert s["complete"] and s["count"] == 3
     m = json.loads((root / "manifest.json").read_text())
     assert m["complete"] and {x["status"] for x in m["slides"]} == {"complete"}
     # whole slides and bands give the same slide as one process with that seed
     one = tmp_path / "one.zarr"
-    launch.sample(one, workers=1, **{**opts, "seed": 7})
+    api.sample(one, workers=1, **{**opts, "seed": 7})
     same_store(one, root / "slide-7.zarr")
 
 
 def test_count_whole_slides_then_bands_match_one_process(tmp_path):
     opts = dict(model="gaussian", patch=32, size=96, steps=3, threads=1, device="cpu", seed=1)
-    s = launch.sample(tmp_path / "w", workers=2, count=3, **opts)  # small: 2 whole, 1 in bands
+    s = api.sample(tmp_path / "w", workers=2, count=3, **opts)  # small: 2 whole, 1 in bands
     assert (s["split"], s["whole"], s["banded"]) == ("slide", 2, 1)
-    b = launch.sample(tmp_path / "b", workers=2, count=2, split="band", **opts)
+    b = api.sample(tmp_path / "b", workers=2, count=2, split="band", **opts)
     assert (b["whole"], b["banded"]) == (0, 2)
-    launch.sample(tmp_path / "one", workers=1, count=3, **opts)
+    api.sample(tmp_path / "one", workers=1, count=3, **opts)
     for seed in (1, 2, 3):
         same_store(tmp_path / "one" / f"slide-{seed}.zarr", tmp_path / "w" / f"slide-{seed}.zarr")
     for seed in (1, 2):
@@ -213,8 +214,8 @@ def test_count_whole_slides_then_bands_match_one_process(tmp_path):
 
 
 def test_plan_line_gives_state_bytes_per_rank():
-    line = launch.plan_line("unused", {"model": "gaussian", "patch": 64, "size": "4096",
-                                       "steps": 8}, 4, resume=False)
+    spec = RunSpec("unused", Request.of("4096", model="gaussian", patch=64, steps=8))
+    line = plan_line(spec, 4)
     assert "4 workers" in line and "rank 3" in line
     # a band is about H/R + M rows of W × 3 float32: (1024 + 64) × 4096 × 12 B ≈ 51 MiB
     band = float(line.split("rank 0 ")[1].split(" MiB")[0])
@@ -233,7 +234,7 @@ def test_torchrun_job_joins(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["workers"] == 2  # one summary, from rank 0
-    launch.sample(tmp_path / "one.zarr", 128, workers=1, model="gaussian", patch=32, steps=3,
+    api.sample(tmp_path / "one.zarr", 128, workers=1, model="gaussian", patch=32, steps=3,
                   device="cpu", threads=1)
     same_store(tmp_path / "one.zarr", tmp_path / "t.zarr")
 
@@ -251,7 +252,7 @@ def test_signal_to_one_worker_stops_all_at_one_step_and_resumes(tmp_path, sig, c
     assert "Traceback" not in r.stderr and "--resume -o" in r.stderr.splitlines()[-1]
     info = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["wsigen"]
     assert info["state"] == {"stage": 0, "step": 5}  # rank 1's 5th step, saved by both ranks
-    launch.sample(tmp_path / "s.zarr", workers=3, device="cpu", resume=True)
-    launch.sample(tmp_path / "one.zarr", 96, workers=1, model="gaussian", patch=32, steps=6,
+    api.sample(tmp_path / "s.zarr", workers=3, device="cpu", resume=True)
+    api.sample(tmp_path / "one.zarr", 96, workers=1, model="gaussian", patch=32, steps=6,
                   device="cpu", threads=1)
     same_store(tmp_path / "one.zarr", tmp_path / "s.zarr")

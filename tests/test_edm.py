@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from wsigen.method import edm
-from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band
+from wsigen.method.cascade import diffuse, initial_band
+from wsigen.method.stages import Settings, StageContext
 from wsigen.nets import GaussianDenoiser
 
 

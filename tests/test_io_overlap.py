@@ -19,9 +19,10 @@ from wsigen import api, faults
 from wsigen.errors import WsigenError
 from wsigen.method import keys
 from wsigen.method.canvas import Band, to_uint8
-from wsigen.method.cascade import Settings, StageContext, initial_band
+from wsigen.method.cascade import initial_band
+from wsigen.method.stages import Settings, StageContext
 from wsigen.nets import GaussianDenoiser
-from wsigen.run import sampler
+from wsigen.run import sampler, stageio
 from wsigen.slides.store import SlideStore
 
 # 7 stages; stage 5 (550 × 600) has two chunk rows and is written behind stage 6 (1100 × 1200).
@@ -70,7 +71,7 @@ def test_threaded_noise_fill_is_byte_identical(dtype):
     ref = initial_band(ctx, 37, 600)  # one call of keys.initial_noise over the whole band
     for workers in (1, 3):
         band = Band(700, 4500, 37, 600, torch.empty(3, 563, 4500, dtype=s.state_torch_dtype))
-        sampler.fill_noise(ctx, band, workers)
+        stageio.fill_noise(ctx, band, workers)
         assert torch.equal(band.data, ref.data), workers
 
 
@@ -80,8 +81,8 @@ def test_blockwise_uint8_conversion_is_to_uint8(dtype):
     x = (torch.rand(3, 40, 1500, generator=g) * 2.4 - 1.2).to(dtype)
     x[0, 0, :8] = torch.tensor([-1.0, 1.0, -1.01, 1.01, float("inf"), float("-inf"), 0.0, -0.0])
     x[1, 0, :255] = (torch.arange(255) + 0.5) / 127.5 - 1  # exact halves: round half to even
-    out = np.zeros((3, 50, 1500), np.uint8)[:, 5:45]  # a strided destination, as in _stage_uint8
-    sampler._to_uint8_into(x, out)
+    out = np.zeros((3, 50, 1500), np.uint8)[:, 5:45]  # a strided destination, as in stage_uint8
+    stageio.to_uint8_into(x, out)
     assert np.array_equal(out, to_uint8(x))
 
 
@@ -98,7 +99,7 @@ def test_blocks_of_a_stage_write_are_whole_chunks(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 256, (3, 300, 200), dtype=np.uint8)
     for y in range(0, 300, 64):
         a.write_rows(0, y, data[:, y : y + 64])
-    w = sampler._WriteBehind(b, 0, data, workers=3)
+    w = stageio.WriteBehind(b, 0, data, workers=3)
     w.join()
     assert seen == list(range(0, 300, 64))
     assert np.array_equal(b.read_rows(0, 0, 300), data)
@@ -240,25 +241,25 @@ def test_interrupt_while_writing_behind_cancels_and_resumes(tmp_path, serial, mo
 
 def test_io_workers_from_the_environment(monkeypatch):
     monkeypatch.setenv("WSIGEN_IO_WORKERS", "3")
-    assert sampler.io_workers() == 3
+    assert stageio.io_workers() == 3
     monkeypatch.setenv("WSIGEN_IO_WORKERS", "0")
     with pytest.raises(WsigenError, match="WSIGEN_IO_WORKERS"):
-        sampler.io_workers()
+        stageio.io_workers()
     monkeypatch.setenv("WSIGEN_OVERLAP", "off")
-    assert not sampler.overlap_default()
+    assert not stageio.overlap_default()
 
 
 def test_small_stages_run_their_io_serially(tmp_path, serial, monkeypatch):
     """Below WSIGEN_OVERLAP_MIN_PIXELS a stage is written in place and its guide read back."""
     monkeypatch.setenv("WSIGEN_OVERLAP_MIN_PIXELS", str(10**9))
     started = []
-    real = sampler._WriteBehind.__init__
+    real = stageio.WriteBehind.__init__
 
     def spy(self, *a, **kw):
         started.append(a[1])
         real(self, *a, **kw)
 
-    monkeypatch.setattr(sampler._WriteBehind, "__init__", spy)
+    monkeypatch.setattr(stageio.WriteBehind, "__init__", spy)
     out = tmp_path / "small.zarr"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WSIGEN_OVERLAP", "1")
@@ -267,4 +268,4 @@ def test_small_stages_run_their_io_serially(tmp_path, serial, monkeypatch):
     assert_same_store(out, serial)
     monkeypatch.setenv("WSIGEN_OVERLAP_MIN_PIXELS", "x")
     with pytest.raises(Exception, match="WSIGEN_OVERLAP_MIN_PIXELS"):
-        sampler.overlap_min_pixels()
+        stageio.overlap_min_pixels()

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from wsigen.cli.app import app
 from wsigen.errors import WsigenError
 from wsigen.method import planning
-from wsigen.method.cascade import plan_stages
-from wsigen.run import preflight
+from wsigen.method.stages import plan_stages
+from wsigen.run import preflight, session
 
 GB = 10**9
 BIG = plan_stages(65536, 65536, 512, 2, 0.5)  # design.md §3: 7 stages, 51.5 GB of state
@@ -85,8 +85,7 @@ def test_free_disk_of_a_path_not_yet_created(tmp_path):
 @pytest.mark.parametrize("rank, verdict", [(0, None), (1, 1), (1, 0)])
 def test_rank0_decides_for_every_rank(tmp_path, monkeypatch, rank, verdict):
     """Only rank 0 measures; the others follow its broadcast verdict (no rank waits alone)."""
-    from wsigen import api
-    from wsigen.method.cascade import Settings
+    from wsigen.method.stages import Settings
     from wsigen.run import sampler
     from wsigen.slides import checkpoint
 
@@ -104,9 +103,9 @@ def test_rank0_decides_for_every_rank(tmp_path, monkeypatch, rank, verdict):
     args = (plans, lm, Settings(), __import__("torch").device("cpu"), topo, tmp_path / "x.zarr", 0, None)
     if rank == 0 or verdict:
         with pytest.raises(WsigenError, match="not enough memory" if rank == 0 else "rank 0"):
-            api._preflight(*args)
+            session._preflight(*args)
     else:
-        assert api._preflight(*args) is None
+        assert session._preflight(*args) is None
 
 
 def test_sample_refuses_before_writing(tmp_path, monkeypatch):

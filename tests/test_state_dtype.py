@@ -8,7 +8,8 @@ import torch
 
 from wsigen import api, faults
 from wsigen.errors import UsageError
-from wsigen.method.cascade import Settings, StageContext, diffuse, initial_band, plan_stages
+from wsigen.method.cascade import diffuse, initial_band
+from wsigen.method.stages import Settings, StageContext, plan_stages
 from wsigen.nets import GaussianDenoiser
 from wsigen.run import preflight
 from wsigen.slides.store import SlideStore

@@ -129,11 +129,11 @@ def sample(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Sample a synthetic slide into a zarr (OME-NGFF) store."""
-    from ..run import launch
+    from .. import api
     from ..run.progress import RichProgress
 
     bar = RichProgress(enabled=not os.environ.get("WSIGEN_NO_PROGRESS"))
-    s = launch.sample(output, size, workers=workers, gpus=gpus, count=count, model=model, mpp=mpp,
+    s = api.sample(output, size, workers=workers, gpus=gpus, count=count, model=model, mpp=mpp,
                    seed=seed, steps=steps, guided_steps=guided_steps, solver=solver, batch=batch, device=device, patch=patch, precision=precision,
                    state_dtype=state_dtype, state_device=state_device, channels_last=channels_last, compile=compile or None,
                    grid_shift=None if grid_shift else False, threads=threads,

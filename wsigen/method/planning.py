@@ -7,7 +7,7 @@ known in advance); time comes from a measured (``wsigen.run.throughput``) or use
 from __future__ import annotations
 
 from . import gridshift
-from .cascade import StagePlan, plan_stages
+from .stages import StagePlan, plan_stages
 
 
 def stage_counts(plan: StagePlan, patch: int, k: int, steps: int, seed: int, heun: bool = True,

@@ -1,6 +1,6 @@
 """Making the denoiser fast on its device: channels-last memory format and torch.compile.
 
-Both change which kernels run, so both belong to the reproducibility key (``cascade.Settings``):
+Both change which kernels run, so both belong to the reproducibility key (``stages.Settings``):
 the same options give the same bytes, eager and compiled runs may differ in the last bits.
 """
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from ..errors import WsigenError
 from ..method.canvas import Band
 from ..method.gridshift import split_even
-from .sampler import Progress, Span, Topology, hull
+from .sampler import Progress
+from .topology import Span, Topology, hull
 
 ROW_BYTES = 3 * 4  # float32 RGB (a float16 state moves half)
 
@@ -328,3 +329,38 @@ def kv_store():
         return dist.distributed_c10d._get_default_store()
     except Exception:
         return None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def plan_line(spec, world: int) -> str:
+    """Pre-flight: state bytes per rank in the last (largest) stage, and the exchange bound."""
+    from ..method import gridshift, stages
+    from ..slides import checkpoint
+    from ..slides.store import SlideStore
+    from .config import model_config, parse_size
+
+    if spec.resume:
+        info = SlideStore.open(spec.output).info
+        cfg, mc = info["config"], info["model"]["config"]
+        w, h, m, steps = cfg["width"], cfg["height"], cfg["patch"], cfg["steps"]
+        seed, shift = cfg["seed"], cfg["grid_shift"]
+    else:
+        r = spec.request
+        mc = model_config(r.model, r.patch)
+        w, h = r.size or parse_size(mc["recommended_size"])
+        m = mc["patch"] or r.patch or checkpoint.DEFAULTS["patch"]
+        steps, seed = r.steps or mc["steps"], int(r.seed or 0)
+        shift = r.grid_shift is not False
+    k = mc["k"]
+    last = stages.plan_stages(w, h, m, k, 1.0)[-1]
+    offsets = [gridshift.grid_offset(seed, last.index, i, m, k, shift)[0] for i in range(steps)]
+    ranks = band_plan(last.height, last.width, m, world, offsets)
+    guide = [r["buffer_bytes"] // (ROW_BYTES * k * k) * 3 for r in ranks]  # uint8 at 1/k per side
+    per = ", ".join(f"rank {r['rank']} {_mb(r['band_bytes'])} (buffer {_mb(r['buffer_bytes'])}, "
+                    f"guide {_mb(g)})" for r, g in zip(ranks, guide, strict=True))
+    return (f"{world} workers, last stage {last.width}x{last.height}: float32 state per rank: "
+            f"{per}; "
+            f"each boundary moves ≤ {_mb(m * last.width * ROW_BYTES)} per step")

@@ -4,9 +4,9 @@
 ``accelerate.PartialState`` (NCCL on CUDA, gloo on CPU); this process watches them and names the
 first that fails (why not ``accelerate.notebook_launcher``: see ``_spawn``). Started by an external
 launcher (``accelerate launch``, ``torchrun``: WORLD_SIZE is set) this process is one rank and
-joins that job. ``--count K`` samples seeds
-seed … seed+K−1 into K stores under one folder with a manifest. Every rank leaves a small report
-file, so the parent can name the rank that failed.
+joins that job. ``--count K`` runs a slide set (``slidesets``). Every rank leaves a small report
+file, so the parent can name the rank that failed. What each rank runs is the launcher's ``RunSpec``,
+as it was built (``wsigen.run.config``).
 """
 
 from __future__ import annotations
@@ -15,50 +15,45 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 from ..errors import UsageError, WsigenError
+from . import processes, slidesets
+from .config import RunSpec
+from .slidesets import MANIFEST, write_manifest
 
-MANIFEST = "manifest.json"
-SET_FORMAT = "wsigen-set/1"
-# A slide is "small" (one worker samples it whole) when the states of all local ranks' slides
-# fit in this share of the machine's memory; otherwise every slide is split into bands.
-SMALL_SLIDE_MEMORY_SHARE = 0.5
 COLLECTIVE_TIMEOUT_S = 3 * 3600
 
 
 @dataclass
 class Job:
-    """What every rank runs: the output, api.sample options, and how the job is spread."""
+    """A run spread over processes: the ``RunSpec`` every rank runs (its device resolved) and how."""
 
-    output: str
-    options: dict
-    count: int | None = None
-    device: str = "cpu"
+    spec: RunSpec
+    count: int | None = None  # a slide set of this many seeds
     nprocs: int = 1
-    resume: bool = False
-    overwrite: bool = False
     split: str = "auto"  # many slides: auto | slide | band
+    command: str = "wsigen sample"  # starts the resume hint of a failed job
+    joined: bool = False  # one rank of an external launcher's job
+    threads: int | None = None  # per forked CPU worker (set by ``_spawn``)
     jobdir: str | None = None
     progress: object | None = None
     log: object | None = None
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
+
+    @property
+    def device(self) -> str:
+        return self.spec.device
 
 
 # -- options -------------------------------------------------------------------------------
-def external_world() -> int:
-    """WORLD_SIZE of an external launcher (accelerate launch, torchrun), else 0."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "0"))
-    except ValueError:
-        return 0
-
-
 def cuda_devices() -> int:
     """Visible CUDA devices, counted in a child process: this one forks workers later, and
     CUDA initialised before a fork breaks them (torch's count is fork-safe only through NVML)."""
@@ -93,7 +88,7 @@ def resolve_workers(workers: int | None, gpus: int | None, device: str) -> tuple
         device = "cuda"
     n = gpus or workers or 1
     if n == 1 and gpus is None:
-        return 1, device  # one process in this one: api.sample resolves "auto" itself
+        return 1, device  # one process in this one: session.sample resolves "auto" itself
     have = cuda_devices() if device != "cpu" else 0
     if device == "auto":
         device = "cuda" if have else "cpu"
@@ -105,22 +100,18 @@ def resolve_workers(workers: int | None, gpus: int | None, device: str) -> tuple
     return n, device
 
 
-def _precheck(output: str, count: int | None, resume: bool, overwrite: bool, options: dict) -> None:
+def _precheck(spec: RunSpec, count: int | None) -> None:
     """Errors the parent can find before starting workers (so they come once, before any work)."""
-    from .. import api
     from ..slides import checkpoint
 
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if options.get("size") is not None:
-        api.parse_size(options["size"])
-    spec = options.get("model")
-    if spec is not None and str(spec) not in checkpoint.BUILTIN and not resume:
-        checkpoint.read_config(checkpoint.resolve_model_path(spec))
-    p = Path(output)
-    if resume and not p.exists():
+    spec.validate()
+    name = spec.request.model
+    if name is not None and name not in checkpoint.BUILTIN and not spec.resume:
+        checkpoint.read_config(checkpoint.resolve_model_path(name))
+    p = Path(spec.output)
+    if spec.resume and not p.exists():
         raise WsigenError(f"--resume: {p} does not exist; start it without --resume")
-    if p.exists() and not resume and not overwrite:
+    if p.exists() and not spec.resume and not spec.overwrite:
         raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume "
                           f"to continue it")
     if count is not None and count < 1:
@@ -128,51 +119,36 @@ def _precheck(output: str, count: int | None, resume: bool, overwrite: bool, opt
 
 
 # -- entry point ---------------------------------------------------------------------------
-def sample(output, size=None, *, workers: int | None = None, gpus: int | None = None,
-           count: int | None = None, device: str = "auto", resume: bool = False,
-           overwrite: bool = False, progress=None, log=None, split: str = "auto",
-           **options) -> dict:
-    """``api.sample`` on one or many processes, for one slide or ``count`` slides."""
-    job = make_job(output, size, workers=workers, gpus=gpus, count=count, device=device,
-                   resume=resume, overwrite=overwrite, progress=progress, log=log, split=split,
-                   **options)
-    return run_job(job)
-
-
-def make_job(output, size=None, *, workers: int | None = None, gpus: int | None = None,
-             count: int | None = None, device: str = "auto", resume: bool = False,
-             overwrite: bool = False, progress=None, log=None, split: str = "auto",
-             command: str = "wsigen sample", **options) -> Job:
-    """Resolve the processes and check the options (errors come here, before any work).
+def make_job(spec: RunSpec, *, workers: int | None = None, gpus: int | None = None,
+             count: int | None = None, split: str = "auto", command: str = "wsigen sample",
+             progress=None, log=None) -> Job:
+    """Resolve the processes and check the run (errors come here, before any work).
 
     ``command`` starts the resume hint of a failed job (``wsigen upscale IN`` for upscaling).
-    ``wsigen.upscale`` calls this before it reads its input, then adds the input to
-    ``job.options`` and runs the job with ``run_job``.
+    ``wsigen.upscale`` calls this before it reads its input, then adds the input to the job's
+    spec and runs the job with ``run_job``.
     """
-    options = {k: v for k, v in options.items() if v is not None}
-    if size is not None:
-        options["size"] = size
-    if resume and count is None and (Path(output) / MANIFEST).is_file():
-        count = json.loads((Path(output) / MANIFEST).read_text())["count"]  # a slide set
-    ext = external_world()
+    out = Path(spec.output)
+    if spec.resume and count is None and (out / MANIFEST).is_file():
+        count = json.loads((out / MANIFEST).read_text())["count"]  # a slide set
+    ext = processes.external_world()
     if ext > 1:
         n = gpus or workers
         if n is not None and n != ext:
             raise UsageError(f"this process was started as one of {ext} workers "
                              f"(WORLD_SIZE={ext}), "
                              f"but {'--gpus' if gpus else '--workers'} {n} was asked")
-        dev = "cuda" if gpus else device
-        return Job(str(output), options, count, dev, ext, resume, overwrite, split, None,
-                   progress, log, extra={"joined": True, "command": command})
-    n, dev = resolve_workers(workers, gpus, device)
-    _precheck(str(output), count, resume, overwrite, options)
-    return Job(str(output), options, count, dev, n, resume, overwrite, split, None, progress, log,
-               extra={"command": command})
+        spec = replace(spec, device="cuda" if gpus else spec.device)
+        return Job(spec, count, ext, split, command, joined=True, progress=progress, log=log)
+    n, dev = resolve_workers(workers, gpus, spec.device)
+    spec = replace(spec, device=dev)
+    _precheck(spec, count)
+    return Job(spec, count, n, split, command, progress=progress, log=log)
 
 
 def run_job(job: Job) -> dict | None:
     """Run a job from ``make_job``: in this process, in forked workers, or as one joined rank."""
-    if job.extra.get("joined"):
+    if job.joined:
         return _rank_main(job, joined=True)
     if job.nprocs == 1:
         return _single(job)
@@ -180,22 +156,15 @@ def run_job(job: Job) -> dict | None:
 
 
 def _single(job: Job) -> dict:
-    from .. import api
-    from . import sampler
+    from . import sampler, session
 
     if job.count is not None:
-        return run_set(job, sampler.Topology(), job.progress, kv=None)
-    return api.sample(job.output, device=job.device, resume=job.resume, overwrite=job.overwrite,
-                      progress=job.progress, log=job.log, **job.options)
+        return slidesets.run_set(job.spec, job.count, job.split, sampler.Topology(), job.progress, kv=None,
+                                 log=job.log)
+    return session.sample(job.spec, progress=job.progress, log=job.log)
 
 
 # -- spawning ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(job: Job) -> dict:
     """N forked workers; each initialises torch.distributed through ``accelerate.PartialState``.
 
@@ -207,12 +176,11 @@ def _spawn(job: Job) -> dict:
 
     import torch.multiprocessing as mp
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(processes.free_port()),
            "WORLD_SIZE": str(job.nprocs), "LOCAL_WORLD_SIZE": str(job.nprocs)}
     if job.device == "cpu":
-        per = job.options.get("threads") or max(1, (os.cpu_count() or 1) // job.nprocs)
-        job.extra["threads"] = per
-        env["OMP_NUM_THREADS"] = str(job.extra["threads"])
+        job.threads = job.spec.request.threads or max(1, (os.cpu_count() or 1) // job.nprocs)
+        env["OMP_NUM_THREADS"] = str(job.threads)
     ctx = mp.get_context("fork")  # fast, and nothing device-related has run in this process yet
     with tempfile.TemporaryDirectory(prefix="wsigen-job-") as jobdir:
         job.jobdir = jobdir
@@ -331,43 +299,22 @@ def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
 def _resume_hint(job: Job) -> str:
     flag = f"--workers {job.nprocs}" if job.device == "cpu" else f"--gpus {job.nprocs}"
     what = "the set is" if job.count is not None else "the store is"
-    command = job.extra.get("command", "wsigen sample")
-    return (f"{what} resumable: {command} --resume -o {job.output} {flag} "
+    return (f"{what} resumable: {job.command} --resume -o {job.output} {flag} "
             f"(any number of workers gives the same bytes)")
 
 
 def _spawned(job: Job, rank: int, env: dict) -> None:
     """Body of a worker started by ``_spawn``: the launcher's environment, run, report, exit."""
-    from . import stopping, upscaling
+    from . import stopping
 
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     # Forked: libraries with thread pools that the launcher may have used (libvips decoding the
     # input of ``wsigen upscale``) are broken here, so the input is read in a fresh process.
-    upscaling.read_in_fresh_process()
+    processes.mark_forked_worker()
     os.setpgrp()  # terminal signals go to the launcher, which passes them on once
-    _die_with_parent()
+    processes.die_with_parent()
     with stopping.installed():  # like the CLI: a first signal finishes the step and saves
         _rank_main(job, joined=False)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker if the launching process dies (it left the terminal's group)."""
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _forget_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _rank_main(job: Job, joined: bool) -> dict | None:
@@ -379,7 +326,7 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
 
     from .distributed import DistTopology, PeerLost
 
-    threads = job.options.get("threads") or job.extra.get("threads")
+    threads = job.spec.request.threads or job.threads
     if job.device == "cpu" and threads:
         torch.set_num_threads(threads)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -389,10 +336,7 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
             # Rank 0 alone creates the store and builds the pyramid while the others wait in a
             # barrier; a dead peer shows as a closed connection or to the launcher, not as this.
             if not joined:
-                # A forked worker inherits the launcher's Accelerate singletons: if the launching
-                # process had used Accelerate (e.g. training earlier in the same Python), they
-                # would say "one process" and skip initialising the process group.
-                _forget_accelerate_state()
+                processes.forget_accelerate_state()
             state = PartialState(cpu=job.device == "cpu",
                                  timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         rank, world = state.process_index, state.num_processes
@@ -445,243 +389,20 @@ def _report(job: Job, rank: int, data: dict) -> None:
 
 
 def _run_rank(job: Job, topo) -> dict | None:
-    from .. import api
-    from .distributed import SharedProgress, kv_store
+    from . import session
+    from .distributed import SharedProgress, kv_store, plan_line
 
     rank0 = topo.rank == 0
     if job.count is not None:
-        return run_set(job, topo, job.progress if rank0 else None, kv=kv_store())
+        return slidesets.run_set(job.spec, job.count, job.split, topo, job.progress if rank0 else None,
+                                 kv=kv_store(), log=job.log if rank0 else None)
     if rank0 and job.log:
-        job.log(plan_line(job.output, job.options, topo.world, job.resume))
+        job.log(plan_line(job.spec, topo.world))
     bar = SharedProgress(job.progress if rank0 else None, topo.rank, kv_store())
-    summary = api.sample(job.output, device=job.device, resume=job.resume, overwrite=job.overwrite,
-                         progress=bar, topology=topo, log=job.log if rank0 else None, **job.options)
+    summary = session.sample(job.spec, progress=bar, topology=topo, log=job.log if rank0 else None)
     report = topo.report()
     topo.barrier()
     bar.finish()
     if rank0:
         summary = {**summary, "workers": topo.world, "exchange": report}
     return summary
-
-
-def _model_config(options: dict) -> dict:
-    """The model's config without building it (no torch work in the launching process)."""
-    from ..slides import checkpoint
-
-    spec = options.get("model") or "default"
-    if str(spec) == "gaussian":
-        return checkpoint.gaussian_config(options.get("patch"))
-    return checkpoint.read_config(checkpoint.resolve_model_path(spec))
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
-
-
-def plan_line(output: str, options: dict, world: int, resume: bool) -> str:
-    """Pre-flight: state bytes per rank in the last (largest) stage, and the exchange bound."""
-    from .. import api
-    from ..method import cascade, gridshift
-    from ..slides import checkpoint
-    from ..slides.store import SlideStore
-    from .distributed import ROW_BYTES, band_plan
-
-    if resume:
-        info = SlideStore.open(output).info
-        cfg, mc = info["config"], info["model"]["config"]
-        w, h, m, steps = cfg["width"], cfg["height"], cfg["patch"], cfg["steps"]
-        seed, shift = cfg["seed"], cfg["grid_shift"]
-    else:
-        mc = _model_config(options)
-        w, h = api.parse_size(options.get("size") or mc["recommended_size"])
-        m = mc["patch"] or options.get("patch") or checkpoint.DEFAULTS["patch"]
-        steps, seed = options.get("steps") or mc["steps"], int(options.get("seed") or 0)
-        shift = options.get("grid_shift") is not False
-    k = mc["k"]
-    last = cascade.plan_stages(w, h, m, k, 1.0)[-1]
-    offsets = [gridshift.grid_offset(seed, last.index, i, m, k, shift)[0] for i in range(steps)]
-    ranks = band_plan(last.height, last.width, m, world, offsets)
-    guide = [r["buffer_bytes"] // (ROW_BYTES * k * k) * 3 for r in ranks]  # uint8 at 1/k per side
-    per = ", ".join(f"rank {r['rank']} {_mb(r['band_bytes'])} (buffer {_mb(r['buffer_bytes'])}, "
-                    f"guide {_mb(g)})" for r, g in zip(ranks, guide, strict=True))
-    return (f"{world} workers, last stage {last.width}x{last.height}: float32 state per rank: "
-            f"{per}; "
-            f"each boundary moves ≤ {_mb(m * last.width * ROW_BYTES)} per step")
-
-
-# -- many slides ---------------------------------------------------------------------------
-def slide_name(seed: int) -> str:
-    return f"slide-{seed}.zarr"
-
-
-def _slide_status(path: Path) -> str:
-    """complete | partial (resumable) | pending (absent or not yet a store)."""
-    from ..slides.store import SlideStore
-
-    if not path.exists():
-        return "pending"
-    try:
-        return "complete" if SlideStore.open(path).complete else "partial"
-    except WsigenError:
-        return "pending"
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    """Atomically: the manifest is read by --resume and by people."""
-    for s in manifest["slides"]:
-        s["status"] = _slide_status(root / s["store"])
-    manifest["complete"] = all(s["status"] == "complete" for s in manifest["slides"])
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, root / MANIFEST)
-
-
-def _prepare_set(job: Job) -> dict:
-    """Rank 0: create (or reopen with --resume) the folder and its manifest."""
-    import shutil
-
-    from ..slides.store import prepare_output
-    from ..version import __version__
-
-    root = Path(job.output)
-    if job.resume:
-        mpath = root / MANIFEST
-        if not mpath.is_file():
-            raise WsigenError(f"--resume: {root} has no {MANIFEST}; it is not a wsigen slide set")
-        manifest = json.loads(mpath.read_text())
-        stored = manifest["options"]
-        stored = {**stored, "seed": manifest["seed"]}
-        clash = [f"{k} {v!r} (set: {stored.get(k)!r})" for k, v in job.options.items()
-                 if k != "threads" and stored.get(k) != v]
-        if job.count is not None and job.count != manifest["count"]:
-            clash.append(f"count {job.count} (set: {manifest['count']})")
-        if clash:
-            raise UsageError("--resume: options conflict with the set's manifest: "
-                             + "; ".join(clash))
-        return manifest
-    if root.exists():
-        if not job.overwrite:
-            raise WsigenError(f"output {root} exists; pass --overwrite to replace it or --resume "
-                              f"to continue it")
-        old = root / MANIFEST
-        if old.is_file():  # a set of ours: remove its stores and manifest, nothing else
-            for s in json.loads(old.read_text()).get("slides", []):
-                p = root / s["store"]
-                if p.exists():
-                    prepare_output(p, overwrite=True)
-            old.unlink()
-        if root.is_dir() and any(root.iterdir()):
-            raise WsigenError(f"refusing to overwrite {root}: it is not empty and not a wsigen "
-                              f"slide set")
-        shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    seed0 = int(job.options.get("seed") or 0)
-    manifest = {"format": SET_FORMAT, "version": __version__, "count": job.count, "seed": seed0,
-                "options": {k: v for k, v in job.options.items() if k != "seed"},
-                "slides": [{"seed": seed0 + i, "store": slide_name(seed0 + i), "status": "pending"}
-                           for i in range(job.count)]}
-    write_manifest(root, manifest)
-    return manifest
-
-
-def _split(job: Job, options: dict, world: int) -> str:
-    """Whole slides per worker when they are small, bands of every slide when large."""
-    if job.split != "auto":
-        return job.split
-    import psutil
-
-    from .. import api
-
-    w, h = api.parse_size(options.get("size") or _model_config(options)["recommended_size"])
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    state = 3 * 4 * w * h
-    small = local * state <= SMALL_SLIDE_MEMORY_SHARE * psutil.virtual_memory().total
-    return "slide" if small else "band"
-
-
-def _set_totals(options: dict, seeds: list[int], device: str) -> list[int]:
-    """Patch-steps of each slide (for the one bar), from the keyed grid offsets alone."""
-
-    from .. import api
-    from ..method import cascade
-    from ..slides import checkpoint
-    from . import sampler
-
-    spec = options.get("model") or "default"
-    lm = checkpoint.load_model(spec, patch=options.get("patch"))
-    dev = api.resolve_device(device)
-    req = {k: v for k, v in options.items() if k not in ("model", "patch")}
-    totals = []
-    for s in seeds:
-        cfg = api.build_config(lm, spec, {**req, "seed": s}, dev)
-        k = lm.config["k"]
-        plans = cascade.plan_stages(cfg["width"], cfg["height"], lm.patch, k, cfg["mpp"])
-        ctxs = sampler.contexts(lm, plans, api.settings_of(cfg), s, dev)
-        totals.append(sampler.total_patches(ctxs))
-    return totals
-
-
-def run_set(job: Job, topo, bar, kv) -> dict:
-    """Seeds seed … seed+K−1 into K stores under ``job.output``; each rank runs its share."""
-    from .. import api
-    from . import sampler
-    from .distributed import SharedProgress
-
-    root = Path(job.output)
-    manifest = None
-    if topo.rank == 0:
-        manifest = _prepare_set(job)
-        status = [_slide_status(root / s["store"]) for s in manifest["slides"]]
-    codes = topo.broadcast([{"complete": 0, "partial": 1, "pending": 2}[s] for s in status]
-                           if topo.rank == 0 else [0] * _set_count(job, root))
-    if topo.rank != 0:
-        manifest = json.loads((root / MANIFEST).read_text())
-    slides = manifest["slides"]
-    options = {**manifest["options"], **{k: v for k, v in job.options.items() if k == "threads"}}
-    todo = [i for i, c in enumerate(codes) if c != 0]
-    split = _split(job, options, topo.world) if todo else "slide"
-    whole = todo[: len(todo) - len(todo) % topo.world] if split == "slide" else []
-    banded = [i for i in todo if i not in whole]
-    progress = SharedProgress(bar, topo.rank, kv, fixed_total=True)
-    if topo.rank == 0 and job.log:
-        job.log(f"{len(slides)} slides, seeds {slides[0]['seed']} … {slides[-1]['seed']} → {root}: "
-                f"{len(slides) - len(todo)} complete, {len(whole)} to sample whole "
-                f"(one per worker), "
-                f"{len(banded)} split into bands over {topo.world} worker(s)")
-    if topo.rank == 0 and bar is not None:
-        totals = _set_totals(options, [s["seed"] for s in slides], job.device)
-        bar.start(sum(totals), sum(t for t, c in zip(totals, codes, strict=True) if c == 0))
-    single = sampler.Topology()
-    summaries = []
-
-    def one(i: int, t) -> None:
-        s = slides[i]
-        out = root / s["store"]
-        summaries.append(api.sample(
-            out, device=job.device, resume=codes[i] == 1, overwrite=codes[i] == 2 and out.exists(),
-            progress=progress, topology=t, log=None,
-            **{**options, "seed": s["seed"]}))
-        if topo.rank == 0 and t is single:
-            write_manifest(root, manifest)
-
-    for i in whole[topo.rank :: topo.world]:
-        one(i, single)
-    for i in banded:
-        one(i, topo)
-    topo.barrier()
-    progress.finish()
-    evaluations = topo.all_sum(sum(s["evaluations"] for s in summaries))
-    if topo.rank != 0:
-        return None
-    write_manifest(root, manifest)
-    return {"output": str(root), "manifest": str(root / MANIFEST), "count": len(slides),
-            "seeds": [s["seed"] for s in slides], "sampled": len(todo), "split": split,
-            "whole": len(whole), "banded": len(banded), "workers": topo.world,
-            "evaluations": evaluations, "complete": manifest["complete"],
-            "slides": manifest["slides"]}
-
-
-def _set_count(job: Job, root: Path) -> int:
-    if job.count is not None:
-        return job.count
-    return json.loads((root / MANIFEST).read_text())["count"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UsageError, WsigenError
 from ..method import planning
-from ..method.cascade import StagePlan
+from ..method.stages import StagePlan
 
 RUNTIME_BYTES = 512 * 2**20  # interpreter, torch, zarr and codec buffers (≈ 0.4 GB measured on CPU)
 STATE_DTYPE_OPTION = True  # `--state-dtype float16` exists, so the hint names it

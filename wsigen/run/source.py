@@ -1,4 +1,4 @@
-"""Super-resolve an existing image: it becomes stage 0, and the guided stages add detail.
+"""The input of ``upscale``: an existing image (or slide region) that becomes stage 0.
 
 The input (any image or slide region the readers open) is stored as ``stages/0`` together with its
 file name and sha256; stages 1 … L run exactly as in ``sample`` after its first stage.
@@ -18,14 +18,12 @@ import numpy as np
 from ..errors import UsageError, WsigenError
 
 if TYPE_CHECKING:
-    from ..method.cascade import StagePlan
+    from ..method.stages import StagePlan
 
 ROWS_PER_READ = 512
-# Set in forked worker processes: the input is read in a new process (see ``write_input``).
-_READ_IN_FRESH_PROCESS = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     """The input region: file, level, level-0 region (x, y, w, h) and µm/px of the read pixels."""
 
@@ -42,6 +40,12 @@ class Source:
         return {"file": self.path.name, "path": str(self.path.absolute()), "sha256": self.sha256,
                 "region": list(self.region), "level": self.level, "width": self.width,
                 "height": self.height, "mpp": self.mpp, "mpp_given": self.mpp_given}
+
+    @classmethod
+    def from_record(cls, d: dict) -> Source:
+        """The inverse of ``describe`` (a store's ``config.input``)."""
+        return cls(Path(d["path"]), tuple(d["region"]), d["level"], d["width"], d["height"], d["mpp"],
+                   d["sha256"], d.get("mpp_given"))
 
 
 def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
@@ -113,12 +117,12 @@ def factor_from(source: Source, k: int, factor: int | None, target_mpp: float | 
     return L
 
 
-def plans_for(cfg: dict, k: int) -> list[StagePlan]:
-    from ..method.cascade import StagePlan
+def plans_for(source: Source, stages: int, k: int) -> list[StagePlan]:
+    """Stage l of an upscale is the input scaled by k^l (stage 0 is the input itself)."""
+    from ..method.stages import StagePlan
 
-    inp = cfg["input"]
-    L = cfg["upscale_stages"]
-    return [StagePlan(l, inp["height"] * k**l, inp["width"] * k**l, inp["mpp"] / k**l) for l in range(L + 1)]
+    return [StagePlan(l, source.height * k**l, source.width * k**l, source.mpp / k**l)
+            for l in range(stages + 1)]
 
 
 def check_range(plans: list[StagePlan], model_cfg: dict, allow_extrapolation: bool) -> None:
@@ -133,13 +137,7 @@ def check_range(plans: list[StagePlan], model_cfg: dict, allow_extrapolation: bo
                           f"{lo:g}–{hi:g} µm/px; use a smaller --factor or pass --allow-extrapolation")
 
 
-def read_in_fresh_process(on: bool = True) -> None:
-    """From now on ``write_input`` reads in a new process (called in forked workers)."""
-    global _READ_IN_FRESH_PROCESS
-    _READ_IN_FRESH_PROCESS = on
-
-
-def write_input(store, cfg: dict) -> None:
+def write_input(store, source: Source) -> None:
     """Read the input region band by band and store it as stage 0 (then mark stage 0 complete).
 
     A forked worker reads through a new process: libvips (PNG, JPEG, … inputs) keeps a pool of
@@ -147,10 +145,12 @@ def write_input(store, cfg: dict) -> None:
     launcher has, checking the input before it starts the workers) the next decode waits forever
     for threads that do not exist.
     """
-    if _READ_IN_FRESH_PROCESS:
-        _write_in_new_process(store.path, cfg["input"])
+    from . import processes
+
+    if processes.forked_worker():
+        _write_in_new_process(store.path, source.describe())
     else:
-        _write_bands(store, cfg["input"])
+        _write_bands(store, source.describe())
     store.mark_stage_complete(0)
 
 
@@ -173,11 +173,11 @@ def _write_in_new_process(store_path, inp: dict) -> None:
     import subprocess
     import sys
 
-    here = str(Path(__file__).resolve().parents[1])  # wsigen importable as in this process
+    here = str(Path(__file__).resolve().parents[2])  # wsigen importable as in this process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     request = json.dumps({"store": str(Path(store_path).absolute()), "input": inp})
-    r = subprocess.run([sys.executable, "-c", "from wsigen.run.upscaling import _writer_main; _writer_main()"],
+    r = subprocess.run([sys.executable, "-c", "from wsigen.run.source import _writer_main; _writer_main()"],
                        input=request, capture_output=True, text=True, env=env)
     if r.returncode == 0:
         return
@@ -203,9 +203,9 @@ def _writer_main() -> None:
     import json
     import sys
 
-    from .launch import _die_with_parent
+    from .processes import die_with_parent
 
-    _die_with_parent()
+    die_with_parent()
     request = json.loads(sys.stdin.read())
     try:
         from ..slides.store import SlideStore
@@ -221,31 +221,3 @@ def _writer_main() -> None:
             reply = {"message": f"reading the input failed: {type(e).__name__}: {e}", "code": 1}
         print(json.dumps(reply), flush=True)
         sys.exit(1)
-
-
-def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | None = None,
-            target_mpp: float | None = None, mpp: float | None = None, region=None, level: int = 0,
-            model: str | None = None, resume: bool = False, overwrite: bool = False,
-            workers: int | None = None, gpus: int | None = None, device: str = "auto",
-            progress=None, log=None, **options) -> dict | None:
-    """Add detail to an existing image stage by stage; writes the same store as ``sample``.
-
-    ``workers``/``gpus``/``device`` spread the guided stages over processes as in ``sample``
-    (the same bytes for any number). Returns the summary (None on ranks other than 0 of an
-    externally launched job).
-    """
-    from . import launch
-
-    job = launch.make_job(out, workers=workers, gpus=gpus, device=device, resume=resume,
-                          overwrite=overwrite, progress=progress, log=log,
-                          command=f"wsigen upscale {input}", model=model, **options)
-    if not resume:
-        src = open_source(input, mpp=mpp, level=level,
-                          region=parse_region(region) if isinstance(region, str) else region)
-        # the model's k from its config: no torch work in a process that forks workers
-        k = launch._model_config(job.options)["k"]
-        L = factor_from(src, k, factor, target_mpp)
-        f = k**L
-        job.options.update(size=(src.width * f, src.height * f), mpp=src.mpp / f,
-                           source={"input": src.describe(), "upscale_stages": L})
-    return launch.run_job(job)

@@ -1,0 +1,49 @@
+"""What a slide will cost before it is sampled (``wsigen plan``): evaluations, memory, disk, time."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..method import planning, stages
+from ..slides import checkpoint
+from . import accel
+from .config import parse_size
+from .devices import resolve_device
+
+
+def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
+         steps: int | None = None, solver: str = "heun", batch: int = 8, seed: int = 0,
+         world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
+         throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
+         channels_last: bool | None = None, state_dtype: str = "float32") -> dict:
+    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
+    if world < 1:
+        raise UsageError(f"process count must be at least 1 (got {world})")
+    if state_dtype not in ("float32", "float16"):
+        raise UsageError(f"--state-dtype must be float32 or float16 (got {state_dtype})")
+    lm = checkpoint.load_model(model, patch=patch)
+    mc = lm.config
+    w, h = parse_size(size or mc["recommended_size"])
+    mpp = float(mpp or mc["final_mpp"])
+    n = steps or mc["steps"]
+    c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, heun=solver == "heun")
+    plans = stages.plan_stages(w, h, lm.patch, mc["k"], mpp)
+    params = sum(p.numel() for p in lm.denoiser.parameters())
+    out = {"width": w, "height": h, "mpp": mpp, "model": model, "patch": lm.patch, "steps": n,
+           "solver": solver, "processes": world, **c,
+           "memory_per_process": planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch,
+                                                          mc["k"], world, batch, params,
+                                                          2 if state_dtype == "float16" else 4),
+           "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4)}
+    if measure:
+        from .throughput import measure_throughput
+
+        dev = resolve_device(device)
+        net = accel.prepare(lm.denoiser, dev, compile=compile,
+                            channels_last=True if channels_last is None else channels_last)
+        throughput = measure_throughput(net, lm.patch, batch, dev, precision,
+                                                 seconds=measure_seconds, mpp=mpp)
+        out["measured_on"] = dev.type
+    if throughput:
+        out["throughput_per_process"] = throughput
+        out["estimated_seconds"] = c["evaluations"] / (throughput * world)
+    return out

@@ -1,0 +1,184 @@
+"""One slide in this process (or as one rank of a job): resolve the run, check it, sample into the store.
+
+``sample(spec)`` is what every rank runs: it opens (``--resume``) or creates the store, resolves the
+request against the model into the store's ``SlideConfig``, refuses what cannot work before anything
+is written (pre-flight), and runs the stages (``sampler.run``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError, WsigenError
+from ..method import planning, stages
+from ..slides import checkpoint
+from ..slides.store import SlideStore
+from ..version import __version__
+from . import accel, preflight, sampler, source
+from .config import RunSpec, SlideConfig, check_mpp_range
+from .devices import resolve_device
+
+
+def check_output(out, overwrite: bool) -> None:
+    """Refuse an unusable output path before any work (SlideStore.create checks again)."""
+    p = Path(out)
+    parent = p.absolute().parent
+    for d in [parent, *parent.parents]:
+        if d.exists():
+            if not d.is_dir():
+                raise WsigenError(f"cannot create {p}: {d} is not a directory")
+            break
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def merge_resume(stored: dict, spec: RunSpec, dev: torch.device) -> SlideConfig:
+    """The stored configuration, after checking that no given option contradicts it."""
+    request = spec.request
+    if dev.type != "cpu":
+        request = replace(request, threads=None)
+    conflicts = request.conflicts_with(stored)
+    if conflicts:
+        raise UsageError("--resume: options conflict with the store's configuration: " + "; ".join(conflicts)
+                         + " — drop them to continue with the stored ones")
+    return SlideConfig.from_store(stored)
+
+
+def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Settings, world: int) -> str:
+    """``--state-device``: this process's band on the GPU when it fits (see preflight.state_device)."""
+    mem = planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch, lm.config["k"], world,
+                                   settings.batch, sum(p.numel() for p in lm.denoiser.parameters()),
+                                   settings.state_torch_dtype.itemsize)
+    state = min(mem["state"], 3 * plans[-1].height * plans[-1].width * settings.state_torch_dtype.itemsize)
+    free = preflight.device_free_memory(dev) if dev.type == "cuda" else None
+    return preflight.state_device(choice, dev.type, state, mem["buffers"] + mem["model"], free)
+
+
+def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
+    """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides).
+
+    Returns rank 0's ``preflight.Needs`` (``state_line()`` says the state per process), else None.
+    """
+    error = needs = None
+    if topo.rank == 0:
+        needs = preflight.estimate(
+            plans, lm.patch, lm.config["k"], settings.batch,
+            sum(p.numel() for p in lm.denoiser.parameters()), world=topo.world,
+            processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
+            checkpoint=checkpoint_every > 0, device_type=dev.type,
+            state_bytes=settings.state_torch_dtype.itemsize,
+            on_disk=store.disk_bytes() if store is not None else 0)
+        try:
+            preflight.check(needs, out)
+        except WsigenError as e:
+            error = e
+    failed = topo.broadcast([int(error is not None)])[0] if topo.world > 1 else error is not None
+    if error is not None:
+        raise error
+    if failed:
+        raise WsigenError("pre-flight check failed on rank 0 (see its message)")
+    return needs
+
+
+def _open(spec: RunSpec, dev: torch.device):
+    """(store or None, loaded model, resolved configuration) for a fresh or a resumed run."""
+    out = spec.output
+    if spec.resume:
+        if not Path(out).exists():
+            raise WsigenError(f"--resume: {out} does not exist; start it without --resume")
+        store = SlideStore.open(out, mode="r+")
+        if store.complete:
+            raise WsigenError(f"{out} is already complete; nothing to resume")
+        cfg = merge_resume(store.info["config"], spec, dev)
+        if cfg.device_type != dev.type:
+            raise WsigenError(f"--resume: the store was started on {cfg.device_type}, this run would use "
+                              f"{dev.type}; bytes would differ (pass --device {cfg.device_type})")
+        lm = checkpoint.load_model(cfg.model, patch=cfg.patch)
+        if lm.sha256 != cfg.model_sha256:
+            raise WsigenError(f"--resume: model {cfg.model} has changed since the store was started "
+                              f"(sha256 {lm.sha256[:12]}… ≠ {cfg.model_sha256[:12]}…)")
+        return store, lm, cfg
+    name = spec.request.model or "default"
+    lm = checkpoint.load_model(name, patch=spec.request.patch)
+    check_output(out, spec.overwrite)
+    cfg = SlideConfig.resolve(spec.request, lm, name, dev, spec.source, spec.upscale_stages)
+    return None, lm, cfg
+
+
+def _create(spec: RunSpec, cfg: SlideConfig, lm, plans, topo) -> SlideStore:
+    """Rank 0 creates the store (the others wait and open it)."""
+    info = {"torch_version": torch.__version__, "config": cfg.to_store(), "seed": cfg.seed,
+            "key": cfg.key(), "model": {"name": cfg.model, "sha256": lm.sha256, "config": lm.config},
+            "mpp_per_stage": [p.mpp for p in plans]}
+    stages = [{"index": p.index, "height": p.height, "width": p.width, "mpp": p.mpp,
+               "path": "0" if p.index == len(plans) - 1 else f"stages/{p.index}"} for p in plans]
+    store = None
+    if topo.rank == 0:
+        store = SlideStore.create(spec.output, stages=stages, final=(cfg.height, cfg.width), info=info,
+                                  overwrite=spec.overwrite)
+    topo.barrier()
+    return store if store is not None else SlideStore.open(spec.output, mode="r+")
+
+
+def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
+           topology: sampler.Topology | None = None, log=None) -> dict:
+    """Sample one slide into the zarr store ``spec.output``; returns a summary dict."""
+    t_start = time.perf_counter()
+    spec.validate()
+    dev = resolve_device(spec.device)
+    preflight.state_device(spec.state_device, dev.type, 0, 0, None)  # a bad choice, before any work
+    accel.tune_host_allocator()
+    topo = topology or sampler.Topology()
+    store, lm, cfg = _open(spec, dev)
+    if dev.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    settings = cfg.settings()
+    if cfg.source is not None:
+        plans = source.plans_for(cfg.source, cfg.upscale_stages, lm.config["k"])
+        source.check_range(plans, lm.config, spec.allow_extrapolation)
+    else:
+        plans = stages.plan_stages(cfg.width, cfg.height, lm.patch, lm.config["k"], cfg.mpp)
+        check_mpp_range(plans, lm.config, spec.allow_extrapolation)
+    checkpoint_every = spec.checkpoint_every
+    if checkpoint_every is None:
+        big = plans[-1].height * plans[-1].width >= 4096 * 4096
+        checkpoint_every = max(1, settings.steps // 4) if big else 0
+    _preflight(plans, lm, settings, dev, topo, spec.output, checkpoint_every, store)
+    if log and topo.rank == 0:
+        log(f"{cfg.width}x{cfg.height} px at {cfg.mpp:g} µm/px: L = {len(plans) - 1}, "
+            f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
+            f"{settings.guided_steps} guided, model {cfg.model} ({lm.sha256[:12]}), seed {cfg.seed}")
+    lm = replace(lm, denoiser=accel.prepare(lm.denoiser, dev, channels_last=settings.channels_last,
+                                            compile=settings.compile))
+    where = _state_device(spec.state_device, dev, plans, lm, settings, topo.world)
+    if log and topo.rank == 0 and dev.type == "cuda":
+        log(f"state band in {'GPU' if where == 'cuda' else 'host'} memory (--state-device {spec.state_device})")
+    if store is None:
+        store = _create(spec, cfg, lm, plans, topo)
+    if cfg.source is not None and topo.rank == 0 and not store.stage_complete(0):
+        source.write_input(store, cfg.source)
+    topo.barrier()
+    if cfg.source is not None and topo.rank != 0:
+        store = SlideStore.open(spec.output, mode="r+")  # zarr caches attributes: see stage 0 as complete
+    stats = sampler.run(store, lm, plans, settings, cfg.seed, dev, (cfg.height, cfg.width),
+                        topo=topo, progress=progress, checkpoint_every=checkpoint_every,
+                        state_device=dev if where == "cuda" else "cpu")
+    if topo.rank == 0:
+        store.finalize(cfg.mpp, name=Path(spec.output).name, drop_stages=spec.drop_stages)
+    topo.barrier()
+    wall = time.perf_counter() - t_start
+    return {
+        "output": str(spec.output), "width": cfg.width, "height": cfg.height, "mpp": cfg.mpp,
+        "stages": len(plans), "L": len(plans) - 1, "s0": plans[0].mpp,
+        "mpp_per_stage": [p.mpp for p in plans], "model": cfg.model,
+        "model_sha256": cfg.model_sha256, "seed": cfg.seed, "steps": cfg.steps,
+        "guided_steps": cfg.guided_steps, "device": dev.type,
+        "evaluations": topo.all_sum(stats["evaluations"]), "patches": topo.all_sum(stats["patches"]),
+        "skipped": topo.all_sum(stats["skipped"]), "wall_s": round(wall, 3), "version": __version__,
+        "skip_background": cfg.skip_background,
+    }
