@@ -23,7 +23,7 @@ from . import data, keyed, log
 from .config import TrainConfig, TrainOptions, default_sampling, ema_beta, learning_rate
 from .progress import ProgressBar
 from .sampling import grid_image, sample_patches, to_uint8, write_png
-from .state import OLD, PARTIAL, STATE_DIR, Progress, RunRecord, SavedState, has_state, load_state, save_state
+from .state import OLD, PARTIAL, STATE_DIR, Reached, RunRecord, SavedState, has_state, load_state, save_state
 
 PREVIEW_DIR = "preview"
 
@@ -189,12 +189,12 @@ def train(
     opt = torch.optim.AdamW(
         net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
     )
-    before = Progress()
+    before = Reached()
     if saved is not None:
         net.load_state_dict(saved.model)
         ema.load_state_dict(saved.ema)
         opt.load_state_dict(saved.optimizer_state())
-        before = saved.progress
+        before = saved.reached
     step, images = before.step, before.images
     net, opt = acc.prepare(net, opt)
     ema.to(acc.device)
@@ -215,7 +215,7 @@ def train(
                 out / "model.safetensors", ema, training_config(ckpt_cfg, step, images, cfg)
             )
             save_state(
-                out, acc.unwrap_model(net), ema, opt, Progress(step, images, elapsed()), run, acc.scaler
+                out, acc.unwrap_model(net), ema, opt, Reached(step, images, elapsed()), run, acc.scaler
             )
         acc.wait_for_everyone()
 

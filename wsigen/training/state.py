@@ -40,7 +40,7 @@ def _cpu(module: torch.nn.Module) -> dict:
 
 
 @dataclass(frozen=True)
-class Progress:
+class Reached:
     """How far a run got: optimizer steps, images seen, training seconds over all its sessions."""
 
     step: int = 0
@@ -70,7 +70,7 @@ def save_state(
     net: torch.nn.Module,
     ema: torch.nn.Module,
     opt: torch.optim.Optimizer,
-    progress: Progress,
+    reached: Reached,
     run: RunRecord,
     scaler=None,
 ) -> None:
@@ -83,9 +83,9 @@ def save_state(
     tensors, meta = _optimizer_tensors(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {
-        "step": progress.step,
-        "images": progress.images,
-        "elapsed": progress.elapsed,
+        "step": reached.step,
+        "images": reached.images,
+        "elapsed": reached.elapsed,
         **run.to_json(),
         "optimizer": meta,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -115,8 +115,8 @@ class SavedState:
         return TrainConfig.from_json(self.info["config"])
 
     @property
-    def progress(self) -> Progress:
-        return Progress(self.info["step"], self.info["images"], self.info.get("elapsed", 0.0))
+    def reached(self) -> Reached:
+        return Reached(self.info["step"], self.info["images"], self.info.get("elapsed", 0.0))
 
     @property
     def slide_hashes(self) -> list[str | None]:
