@@ -8,20 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..method import edm
+from ..method import canvas, edm
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """x ∈ [−1, 1] (…, 3, H, W) → round((x + 1)·127.5) clipped, channels last."""
-    return (
-        ((x.float() + 1) * 127.5)
-        .round()
-        .clamp(0, 255)
-        .to(torch.uint8)
-        .movedim(-3, -1)
-        .cpu()
-        .numpy()
-    )
+    """x ∈ [−1, 1] (…, 3, H, W) → uint8 channels last, by the package's one quantisation."""
+    return np.moveaxis(canvas.to_uint8(x), -3, -1)
 
 
 @torch.no_grad()
