@@ -18,7 +18,7 @@ from wsigen.errors import UsageError, WsigenError
 from wsigen.judge import stains
 from wsigen.method import edm
 from wsigen.slides import checkpoint, readers
-from wsigen.training import TrainConfig, data, loss_history, train
+from wsigen.training import TrainConfig, TrainOptions, data, loss_history, train
 
 GLASS = (240, 238, 245)
 TINY = dict(
@@ -244,8 +244,8 @@ def _app() -> typer.Typer:
 def test_cli_passes_options(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_train(slides, output, **kw):
-        seen.update(slides=slides, out=output, **kw)
+    def fake_train(slides, output, options, **kw):
+        seen.update(slides=slides, out=output, options=options, **kw)
         return {"finished": True, "step": 7, "checkpoint": str(output / "model.safetensors")}
 
     monkeypatch.setattr("wsigen.training.train", fake_train)
@@ -274,13 +274,53 @@ def test_cli_passes_options(monkeypatch, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert seen["slides"] == ["a.svs", "dir"] and seen["out"] == tmp_path
-    assert seen["max_steps"] == 7 and seen["time_limit"] == 5400 and seen["mults"] == (1, 2, 4)
-    assert seen["mpp_min"] == 1.0 and seen["tissue_threshold"] == 0.4 and seen["resume"] is True
-    assert (
-        seen["batch"] is None and seen["width"] is None
-    )  # not given: library default / saved value
+    opts = seen["options"]
+    assert isinstance(opts, TrainOptions) and seen["resume"] is True
+    cfg = opts.config
+    assert cfg.max_steps == 7 and cfg.time_limit == 5400 and cfg.mults == (1, 2, 4)
+    assert cfg.mpp_min == 1.0 and cfg.tissue_threshold == 0.4 and cfg.device == "cpu"
+    assert opts.given == {"max_steps", "time_limit", "mults", "mpp_min", "tissue_threshold", "device"}
+    # not given: the library default (or on --resume the saved value)
+    assert "batch" not in opts.given and cfg.batch == TrainConfig().batch
     r = CliRunner().invoke(_app(), ["train", "a.svs", "-o", str(tmp_path), "--mults", "1,x"])
     assert r.exit_code == 2 and "--mults" in r.output
+    # the options are validated at the edge: train() is never called with a bad one
+    seen.clear()
+    r = CliRunner().invoke(_app(), ["train", "a.svs", "-o", str(tmp_path), "--mpp-sampling", "x"])
+    assert r.exit_code == 2 and "--mpp-sampling" in r.output and not seen
+    r = CliRunner().invoke(_app(), ["train", "a.svs", "-o", str(tmp_path), "--patch", "18"])
+    assert r.exit_code == 2 and "multiple of 4" in r.output and not seen
+
+
+def test_config_is_frozen_validated_and_json_compatible():
+    cfg = TrainConfig(mults=[1, 2], patch=16)
+    assert cfg.mults == (1, 2) and cfg == TrainConfig(mults=(1, 2), patch=16)
+    with pytest.raises(AttributeError):
+        cfg.lr = 1.0
+    for bad, match in [
+        (dict(patch=18), "multiple of 4"),
+        (dict(lr=0.0), "--lr"),
+        (dict(device="tpu"), "--device"),
+        (dict(mpp_sampling="log"), "--mpp-sampling"),
+        (dict(width=6), "bad network"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            TrainConfig(**bad)
+    # the config block of a train-state/state.json: keys and values as written before
+    js = cfg.to_json()
+    assert js["mults"] == [1, 2] and js["attn_levels"] == [] and js["time_limit"] is None
+    assert json.loads(json.dumps(js)) == js and TrainConfig.from_json({**js, "future": 1}) == cfg
+    with pytest.raises(UsageError, match="unknown training options: nope"):
+        TrainOptions.parse(nope=1)
+
+
+def test_options_on_resume():
+    saved = TrainConfig(patch=16, mults=(1, 2), max_steps=4, seed=3)
+    again = TrainOptions.parse(max_steps=8, patch=16, seed=3, device="cpu")
+    assert again.resumed(saved) == TrainConfig(patch=16, mults=(1, 2), max_steps=8, seed=3, device="cpu")
+    with pytest.raises(UsageError, match=r"seed \(saved 3\)"):
+        TrainOptions.parse(seed=4).resumed(saved)
+    assert TrainOptions.parse(config=saved).given == {f for f in TrainConfig.__dataclass_fields__}
 
 
 def test_cli_trains(tmp_path, slide_file):

@@ -1,4 +1,4 @@
-"""``wsigen.training.plot``: loss curves from loss.jsonl drawn with Pillow, and its command line."""
+"""``wsigen.training.plot``: loss curves from loss.jsonl drawn with matplotlib, and its command line."""
 
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ def logs(tmp_path):
     return (_write(tmp_path / "a.jsonl", s1, l1), s1, l1), (_write(tmp_path / "b.jsonl", s2, l2), s2, l2)
 
 
-def _mask(img, hex_colour, tol=40):
-    a = np.asarray(img.convert("RGB")).astype(int)
-    return (np.abs(a - np.array(plot._rgb(hex_colour))).sum(axis=2) <= tol)
+def _mask(img, colour, tol=40):
+    """Pixels of ``img`` (a PIL image or a figure) within ``tol`` of the colour."""
+    a = (plot.render(img) if hasattr(img, "canvas") else np.asarray(img.convert("RGB"))).astype(int)
+    rgb = plot._rgb(colour) if isinstance(colour, str) else colour
+    return np.abs(a - np.array(rgb)).sum(axis=2) <= tol
 
 
 def test_png_size_and_run_colours(logs, tmp_path):
@@ -47,11 +49,17 @@ def test_png_size_and_run_colours(logs, tmp_path):
         assert _mask(img, colour).sum() > 200  # the moving average, the legend swatch
     assert _mask(img, plot.COLOURS[2]).sum() == 0  # a third colour only with a third run
     assert np.asarray(img.convert("L"))[2, 2] == 255  # white background
+    # the logged values are drawn too, in the light version of the run's colour: far more of that
+    # colour than the anti-aliased edges of the dark curve alone give (smooth=1 draws no raw curve)
+    light = tuple(round(255 * v) for v in plot._light(plot._rgb(plot.COLOURS[0])))
+    with_raw, without = (_mask(plot.draw_loss([("a", a)], smooth=n)[0], light, tol=12).sum() for n in (5, 1))
+    assert with_raw > 3 * without
 
 
 def test_drawing_follows_the_data(logs):
     (a, s1, l1), (b, s2, l2) = logs
     img, lay = plot.draw_loss([("first", a), ("second", b)], smooth=5)
+    assert plot.render(img).shape == (560, 1000, 3)
     assert lay.offsets == [0, 600]  # runs one after the other: b starts where a's log ends
     l, t, r, btm = lay.plot
     assert 0 < l < r < 1000 and 0 < t < btm < 560

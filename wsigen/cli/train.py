@@ -1,4 +1,5 @@
-"""``wsigen train SLIDES... -o DIR``: parse options and call :func:`wsigen.training.train`."""
+"""``wsigen train SLIDES... -o DIR``: parse the options into a TrainOptions and call
+:func:`wsigen.training.train` with it."""
 
 from __future__ import annotations
 
@@ -159,15 +160,8 @@ def train_command(
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite cannot be used together")
-    if mpp_sampling is not None and mpp_sampling not in ("uniform", "log-uniform"):
-        raise UsageError(f"--mpp-sampling must be uniform or log-uniform (got {mpp_sampling!r})")
-    if device is not None and device not in ("cpu", "cuda", "auto"):
-        raise UsageError(f"--device must be cpu, cuda or auto (got {device!r})")
-    summary = training.train(
-        [str(s) for s in slides],
-        output,
-        resume=resume,
-        overwrite=overwrite,
+    # built and validated once here; None: not given (the default, or on --resume the saved value)
+    options = training.TrainOptions.parse(
         max_steps=max_steps,
         time_limit=_duration(time_limit),
         batch=batch,
@@ -191,6 +185,7 @@ def train_command(
         init_from=init_from,
         device=device,
     )
+    summary = training.train([str(s) for s in slides], output, options, resume=resume, overwrite=overwrite)
     state = "finished" if summary["finished"] else "stopped (resume with --resume)"
     typer.echo(f"{state} at step {summary['step']}: {summary['checkpoint']}")
 

@@ -1,14 +1,20 @@
-"""Training a denoiser on real slides: patch sampler (``data``), loop (``loop``), figure (``plot``).
+"""Training a denoiser on real slides.
 
-``loop`` (and torch) load on first use, so ``python -m wsigen.training.plot`` starts quickly.
+``config`` (TrainConfig, TrainOptions), ``data`` (patch sampler), ``loop`` (train), ``state``
+(train-state on disk), ``keyed`` (keyed RNG), ``sampling`` (previews), ``progress`` (the bar),
+``log`` (loss.jsonl) and ``plot`` (the loss figure).
+
+Names load on first use (torch with them), so ``python -m wsigen.training.plot`` starts quickly.
 """
 
-__all__ = ["TrainConfig", "loss_history", "train"]
+__all__ = ["TrainConfig", "TrainOptions", "loss_history", "train"]
+
+_WHERE = {"TrainConfig": "config", "TrainOptions": "config", "loss_history": "log", "train": "loop"}
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from . import loop
+    if name in _WHERE:
+        import importlib
 
-        return getattr(loop, name)
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Loss curves from ``wsigen train``'s ``DIR/loss.jsonl``, drawn with Pillow alone.
+"""Loss curves from ``wsigen train``'s ``DIR/loss.jsonl``, drawn with matplotlib (Agg, no display).
 
     python -m wsigen.training.plot RUN/loss.jsonl[:LABEL] ... -o loss.png [--linear] [--smooth N] [--title T]
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..judge.preview import _font, _text, _width
 
 SIZE = (1000, 560)  # output pixels
-SCALE = 2  # drawn at SCALE × SIZE, then reduced: smooth lines without an antialiasing renderer
+DPI = 100
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 RAW_ALPHA = 0.35  # the raw curve is the run's colour this strong over white
-INK, GREY, GRID = (30, 30, 30), (110, 110, 110), (232, 232, 232)
+INK, GREY, GRID = "#1e1e1e", "#6e6e6e", "#e8e8e8"
+RAW_WIDTH, AVG_WIDTH = 1.1, 2.4  # line widths in output pixels
 
 
 @dataclass
@@ -42,25 +42,20 @@ class Run:
 
 @dataclass
 class Layout:
-    """Where things went on the output image (1× pixels), for tests and callers placing notes."""
+    """Where things went on the output image (pixels, origin top left), for tests and callers."""
 
     plot: tuple[int, int, int, int]  # left, top, right, bottom of the axes box
     legend: tuple[int, int, int, int]
-    x_range: tuple[float, float]
-    y_range: tuple[float, float]
     log_y: bool
     offsets: list[int] = field(default_factory=list)
+    _ax: object = field(default=None, repr=False)
+    _height: int = 0
 
     def x_px(self, step: float) -> float:
-        l, _, r, _ = self.plot
-        a, b = self.x_range
-        return l + (step - a) / (b - a) * (r - l)
+        return float(self._ax.transData.transform((step, 1.0))[0])
 
     def y_px(self, loss: float) -> float:
-        _, t, _, btm = self.plot
-        a, b = self.y_range
-        v = math.log10(loss) if self.log_y else loss
-        return btm - (v - a) / (b - a) * (btm - t)
+        return self._height - float(self._ax.transData.transform((0.0, loss))[1])
 
 
 def read_log(path: Path, label: str | None = None) -> Run:
@@ -175,22 +170,13 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
-def _light(c: tuple[int, int, int], a: float = RAW_ALPHA) -> tuple[int, int, int]:
-    return tuple(round(255 + a * (v - 255)) for v in c)
+def _light(c: tuple[int, int, int], a: float = RAW_ALPHA) -> tuple[float, float, float]:
+    """``c`` at strength ``a`` over white, opaque (overlapping raw curves do not darken)."""
+    return tuple((255 + a * (v - 255)) / 255 for v in c)
 
 
-def _height(font) -> int:
-    l, t, r, b = font.getbbox("0Ag")
-    return b - t
-
-
-def _put(draw, xy, s: str, font, fill, anchor: str = "lt") -> None:
-    """Text with its box's ``anchor`` (l/m/r then t/m/b) at xy; works with bitmap fonts too."""
-    w, h = _width(s, font), _height(font)
-    top = font.getbbox("0Ag")[1]
-    x = xy[0] - {"l": 0, "m": w / 2, "r": w}[anchor[0]]
-    y = xy[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]] - top
-    _text(draw, (round(x), round(y)), s, font, fill)
+def _pt(px: float) -> float:
+    return px * 72 / DPI  # matplotlib sizes lines in points
 
 
 def draw_loss(
@@ -202,8 +188,10 @@ def draw_loss(
     offsets: Sequence[int] | None = None,
     size: tuple[int, int] = SIZE,
 ):
-    """The figure of :func:`plot_loss` as a Pillow image, with its :class:`Layout`."""
-    from PIL import Image, ImageDraw
+    """The figure of :func:`plot_loss` (a matplotlib Figure on an Agg canvas, drawn) and its :class:`Layout`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     if not runs:
         raise UsageError("no runs to plot")
@@ -219,146 +207,86 @@ def draw_loss(
                 raise UsageError(f"{r.path}: a loss ≤ 0 cannot go on a log axis; draw it with --linear")
     xs = [r.steps + o for r, o in zip(logs, offsets, strict=True)]
     smooth = max(1, int(smooth))
-    avgs = [moving_average(r.loss, smooth) for r in logs]
-
-    S = SCALE
-    W, H = size
     title = "training loss" if title is None else title
-    f_title, f_label, f_tick = _font(18 * S), _font(14 * S), _font(13 * S)
-    f_legend, f_note = _font(13 * S), _font(11 * S)
 
-    # data ranges
+    W, H = size
+    fig = Figure(figsize=(W / DPI, H / DPI), dpi=DPI, facecolor="white", layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_facecolor("white")
+
+    # data ranges: the step axis starts at 0 (or earlier), the loss axis has a 4 % margin
     x_lo = min(0, min(int(x[0]) for x in xs))
     x_hi = max(int(x[-1]) for x in xs)
     if x_hi <= x_lo:
         x_hi = x_lo + 1
     pad = 0.015 * (x_hi - x_lo)
-    x_range = (x_lo - pad, x_hi + pad)
+    ax.set_xlim(x_lo - pad, x_hi + pad)
     y_min = float(min(r.loss.min() for r in logs))
     y_max = float(max(r.loss.max() for r in logs))
     if log_y:
+        ax.set_yscale("log")
         a, b = math.log10(y_min), math.log10(y_max)
         span = b - a or 0.1
-        y_range = (a - 0.04 * span, b + 0.04 * span)
-        major, minor = log_ticks(10 ** y_range[0], 10 ** y_range[1])
+        lo, hi = 10 ** (a - 0.04 * span), 10 ** (b + 0.04 * span)
+        major, minor = log_ticks(lo, hi)
+        ax.yaxis.set_major_locator(FixedLocator(major))
+        ax.yaxis.set_minor_locator(FixedLocator(minor))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         span = y_max - y_min or max(abs(y_max), 1.0) * 0.1
-        y_range = (y_min - 0.04 * span, y_max + 0.04 * span)
-        major, minor = nice_ticks(*y_range), []
-    x_ticks = [v for v in nice_ticks(x_lo, x_hi, 7) if x_range[0] <= v <= x_range[1]]
+        lo, hi = y_min - 0.04 * span, y_max + 0.04 * span
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt(v)))
+    ax.grid(True, which="major", color=GRID, linewidth=_pt(1))
+    ax.set_axisbelow(True)
+    for side in ax.spines.values():
+        side.set_color(INK)
+    ax.tick_params(colors=INK, labelsize=10)
 
-    # margins from the text they hold
-    th, lh, kh = _height(f_title), _height(f_label), _height(f_tick)
-    tick = 5 * S
-    top = (12 * S + th + 12 * S) if title else 14 * S
-    y_label_w = max([_width(_fmt(v), f_tick) for v in major] or [0])
-    left = 10 * S + lh + 10 * S + y_label_w + 6 * S + tick
-    bottom = H * S - (tick + 6 * S + kh + 10 * S + lh + 10 * S)
-    right = W * S - 22 * S
-    lay = Layout((left, top, right, bottom), (0, 0, 0, 0), x_range, y_range, log_y, offsets)
-
-    img = Image.new("RGB", (W * S, H * S), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-
-    def X(v):
-        return lay.x_px(v)
-
-    def Y(v):
-        return lay.y_px(v)
-
-    # grid, run boundaries
-    for v in x_ticks:
-        d.line([(X(v), top), (X(v), bottom)], fill=GRID, width=S)
-    for v in major:
-        d.line([(left, Y(v)), (right, Y(v))], fill=GRID, width=S)
+    # run boundaries, then curves: all raw ones below all averages
     for i, o in enumerate(offsets):
-        if i and x_lo < o < x_range[1]:
-            x, y = X(o), top
-            while y < bottom:
-                d.line([(x, y), (x, min(y + 6 * S, bottom))], fill=(150, 150, 150), width=S)
-                y += 11 * S
-
-    # curves: all raw ones below all averages
+        if i and x_lo < o < x_hi + pad:
+            ax.axvline(o, color="#969696", linewidth=_pt(1), linestyle=(0, (6, 5)), zorder=1)
     colours = [_rgb(COLOURS[i % len(COLOURS)]) for i in range(len(logs))]
-    w_raw, w_avg = max(1, round(1.1 * S)), round(2.4 * S)
-    for x, r, c in zip(xs, logs, colours, strict=True):
-        pts = [(X(a), Y(b)) for a, b in zip(x.tolist(), r.loss.tolist(), strict=True)]
+    for i, (x, r, c) in enumerate(zip(xs, logs, colours, strict=True)):
+        dark = tuple(v / 255 for v in c)
+        marker = "o" if len(x) == 1 else None  # a single logged point is still seen
         if smooth > 1:
-            _polyline(d, pts, _light(c), w_raw)
+            ax.plot(x, r.loss, color=_light(c), linewidth=_pt(RAW_WIDTH), marker=marker, zorder=2)
+            y = moving_average(r.loss, smooth)
         else:
-            _polyline(d, pts, c, w_avg)
-    if smooth > 1:
-        for x, m, c in zip(xs, avgs, colours, strict=True):
-            _polyline(d, [(X(a), Y(b)) for a, b in zip(x.tolist(), m.tolist(), strict=True)], c, w_avg)
+            y = r.loss
+        ax.plot(x, y, color=dark, linewidth=_pt(AVG_WIDTH), marker=marker, label=logs[i].label, zorder=3)
 
-    # axes, ticks and labels
-    d.rectangle([left, top, right, bottom], outline=INK, width=S)
-    for v in x_ticks:
-        d.line([(X(v), bottom), (X(v), bottom + tick)], fill=INK, width=S)
-        _put(d, (X(v), bottom + tick + 4 * S), _fmt(v), f_tick, INK, "mt")
-    for v in minor:
-        d.line([(left - tick * 0.6, Y(v)), (left, Y(v))], fill=INK, width=S)
-    last_y = None
-    for v in sorted(major, key=Y, reverse=True):  # bottom up; skip a label that would overlap
-        y = Y(v)
-        d.line([(left - tick, y), (left, y)], fill=INK, width=S)
-        if last_y is None or last_y - y >= kh * 1.5:
-            _put(d, (left - tick - 5 * S, y), _fmt(v), f_tick, INK, "rm")
-            last_y = y
     batches = {r.batch for r in logs}
     x_label = "optimizer step" + (f" (batch {batches.pop()})" if len(batches) == 1 and None not in batches else "")
     if len(logs) > 1 and offsets == _concat_offsets(logs):
         x_label += ", runs one after another"
-    _put(d, ((left + right) / 2, H * S - 10 * S), x_label, f_label, INK, "mb")
-    y_label = "EDM loss (log scale)" if log_y else "EDM loss"
-    lw = _width(y_label, f_label)
-    tag = Image.new("RGB", (lw + 4 * S, lh + 4 * S), (255, 255, 255))
-    _put(ImageDraw.Draw(tag), (2 * S, 2 * S), y_label, f_label, INK, "lt")
-    tag = tag.rotate(90, expand=True)
-    img.paste(tag, (10 * S, round((top + bottom) / 2 - tag.height / 2)))
+    ax.set_xlabel(x_label, color=INK, fontsize=11)
+    ax.set_ylabel("EDM loss (log scale)" if log_y else "EDM loss", color=INK, fontsize=11)
     if title:
-        _put(d, ((left + right) / 2, 12 * S), title, f_title, INK, "mt")
-
-    # legend: the corner of the axes box that covers the fewest data points
-    entries = [(r.label, c) for r, c in zip(logs, colours, strict=True)]
-    note = (f"light: logged values · dark: moving average of {smooth} points" if smooth > 1 else "")
-    sw, gap, padl = 30 * S, 8 * S, 10 * S
-    row = round(max(_height(f_legend), w_avg) * 1.7)
-    box_w = padl * 2 + max([sw + gap + _width(s, f_legend) for s, _ in entries]
-                           + ([_width(note, f_note)] if note else []))
-    box_h = padl * 2 + row * len(entries) + (round(_height(f_note) * 1.6) if note else 0)
-    inset = 10 * S
-    corners = [(right - inset - box_w, top + inset), (left + inset, bottom - inset - box_h),
-               (right - inset - box_w, bottom - inset - box_h), (left + inset, top + inset)]
-    every = np.concatenate([np.stack([[X(a) for a in x.tolist()], [Y(b) for b in r.loss.tolist()]], 1)
-                            for x, r in zip(xs, logs, strict=True)])
-
-    def covered(c):
-        x0, y0 = c
-        inside = ((every[:, 0] >= x0) & (every[:, 0] <= x0 + box_w)
-                  & (every[:, 1] >= y0) & (every[:, 1] <= y0 + box_h))
-        return int(inside.sum())
-
-    bx, by = min(corners, key=covered)  # min keeps the first of equals: upper right first
-    d.rectangle([bx, by, bx + box_w, by + box_h], fill=(255, 255, 255), outline=(200, 200, 200), width=S)
-    for i, (s, c) in enumerate(entries):
-        cy = by + padl + row * i + row / 2
-        d.line([(bx + padl, cy), (bx + padl + sw, cy)], fill=c, width=w_avg)
-        _put(d, (bx + padl + sw + gap, cy), s, f_legend, INK, "lm")
+        ax.set_title(title, color=INK, fontsize=14)
+    note = f"light: logged values · dark: moving average of {smooth} points" if smooth > 1 else None
+    legend = ax.legend(loc="best", fontsize=10, title=note, title_fontsize=8.5, alignment="left",
+                       framealpha=1, edgecolor="#c8c8c8", fancybox=False)
     if note:
-        _put(d, (bx + padl, by + box_h - padl), note, f_note, GREY, "lb")
+        legend.get_title().set_color(GREY)
 
-    lay.plot = tuple(round(v / S) for v in (left, top, right, bottom))
-    lay.legend = tuple(round(v / S) for v in (bx, by, bx + box_w, by + box_h))
-    return img.resize((W, H), Image.Resampling.LANCZOS), lay
+    fig.canvas.draw()  # lays the figure out, so the Layout's pixels are final
+    lay = Layout(_box(ax.get_window_extent(), H), _box(legend.get_window_extent(), H), log_y, offsets, ax, H)
+    return fig, lay
 
 
-def _polyline(d, pts, fill, width) -> None:
-    if len(pts) == 1:
-        x, y = pts[0]
-        d.ellipse([x - width, y - width, x + width, y + width], fill=fill)
-    else:
-        d.line(pts, fill=fill, width=width, joint="curve")
+def _box(bbox, height: int) -> tuple[int, int, int, int]:
+    """A display bbox (origin bottom left) as left, top, right, bottom image pixels."""
+    return round(bbox.x0), round(height - bbox.y1), round(bbox.x1), round(height - bbox.y0)
+
+
+def render(fig) -> np.ndarray:
+    """The drawn figure as an (H, W, 3) uint8 array."""
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def plot_loss(
@@ -372,7 +300,7 @@ def plot_loss(
 ) -> Path:
     """Draw the loss curves of ``runs`` — (label, path to loss.jsonl or its training folder) — to ``out``.
 
-    A ~1000 × 560 px line chart: optimizer step on x, loss on y (log scale unless ``log_y`` is
+    A 1000 × 560 px line chart: optimizer step on x, loss on y (log scale unless ``log_y`` is
     False), one colour per run with a legend. Each run shows its logged values as a light curve and
     a centred moving average over ``smooth`` logged points (fewer near the ends) as a dark one;
     ``smooth`` ≤ 1 draws the logged values alone, dark.
@@ -387,15 +315,14 @@ def plot_loss(
     suffix (PNG for the model card). Returns ``out``. Raises :class:`wsigen.errors.UsageError`
     for a missing, unreadable or empty log.
     """
-    from PIL import Image
-
-    img, _ = draw_loss(runs, smooth=smooth, log_y=log_y, title=title, offsets=offsets)
     out = Path(out)
-    ext = out.suffix.lower()
-    if ext not in Image.registered_extensions():
-        raise UsageError(f"{out}: unknown image format {ext or '(no suffix)'!r}; use .png")
+    ext = out.suffix.lower().lstrip(".")
+    fig, _ = draw_loss(runs, smooth=smooth, log_y=log_y, title=title, offsets=offsets)
+    if ext not in fig.canvas.get_supported_filetypes():
+        raise UsageError(f"{out}: unknown image format {out.suffix.lower() or '(no suffix)'!r}; use .png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out, **({"optimize": True} if ext == ".png" else {}))
+    # no creation date or version in the PNG, so one log always gives the same bytes
+    fig.savefig(out, format=ext, dpi=DPI, metadata={"Software": None} if ext == "png" else None)
     return out
 
 

@@ -1,0 +1,59 @@
+"""Preview samples during training: unguided Heun sampling of a few patches, as a PNG grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..method import canvas, edm
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """x ∈ [−1, 1] (…, 3, H, W) → uint8 channels last, by the package's one quantisation."""
+    return np.moveaxis(canvas.to_uint8(x), -3, -1)
+
+
+@torch.no_grad()
+def sample_patches(
+    denoiser, mpps, patch: int, sched: edm.Schedule, gen: torch.Generator, device
+) -> torch.Tensor:
+    """Unguided Heun sampling of one patch per µm/px in ``mpps`` (for previews)."""
+    t = edm.karras_sigmas(sched)
+    s = torch.tensor(mpps, dtype=torch.float32, device=device)
+    x = (
+        torch.randn((len(mpps), 3, patch, patch), generator=gen, device=gen.device).to(device)
+        * t[0]
+    )
+
+    def denoise(x, sigma):
+        return denoiser(x, torch.tensor(sigma, device=device), s)
+
+    for i in range(sched.steps):
+        x, _ = edm.solver_step(denoise, x, t[i], t[i + 1])
+    return x.clamp(-1, 1)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write ``rgb`` as PNG atomically (a reader never sees half a file)."""
+    import imagecodecs
+
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(imagecodecs.png_encode(np.ascontiguousarray(rgb)))
+    os.replace(tmp, path)
+
+
+def grid_image(tiles: np.ndarray, cols: int, pad: int = 2, value: int = 255) -> np.ndarray:
+    """(n, h, w, c) tiles in rows of ``cols``, ``pad`` pixels of ``value`` around each."""
+    n, h, w, c = tiles.shape
+    rows = -(-n // cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), value, np.uint8)
+    for i, t in enumerate(tiles):
+        r, q = divmod(i, cols)
+        out[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + q * (w + pad) : pad + q * (w + pad) + w,
+        ] = t
+    return out
