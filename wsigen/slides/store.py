@@ -39,8 +39,9 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}
 _CODEC = ZstdCodec(level=1, checksum=True)  # level 1: 5× faster to write than 3, as small here
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr v3 store (a wsigen store or not: the attributes say which)."""
+    return (Path(path) / "zarr.json").is_file()
 
 
 def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -49,7 +50,7 @@ def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
-        if p.is_dir() and not p.is_symlink() and (_is_store(p) or not any(p.iterdir())):
+        if p.is_dir() and not p.is_symlink() and (is_store(p) or not any(p.iterdir())):
             shutil.rmtree(p)
         else:
             raise WsigenError(f"refusing to overwrite {p}: it is not a wsigen store")
@@ -158,7 +159,7 @@ class SlideStore:
         p = Path(path)
         if not p.exists():
             raise WsigenError(f"store not found: {p}")
-        if not _is_store(p):
+        if not is_store(p):
             raise WsigenError(f"{p} is not a zarr v3 store (no zarr.json)")
         try:
             g = zarr.open_group(str(p), mode=mode, zarr_format=3)
