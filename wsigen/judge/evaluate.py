@@ -27,9 +27,6 @@ from .patches import PatchSet, default_mpps, footprint, sample_patches
 from .seams import stage_metrics
 from .sources import StoreSlide, describe, is_store, open_slide
 
-__all__ = ["Options", "clean", "evaluate", "expand", "stage_metrics"]
-
-
 # -- slides -------------------------------------------------------------------------------------
 
 

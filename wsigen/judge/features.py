@@ -108,11 +108,9 @@ def load_feature_net(path, arch: str = "auto", input_size: int | None = None):
     net.load_state_dict(load, strict=False)
     if input_size:
         net.input_size = int(input_size)
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return net.eval(), {"arch": arch, "weights": str(path), "sha256": h.hexdigest(),
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    return net.eval(), {"arch": arch, "weights": str(path), "sha256": sha,
                         "input_size": net.input_size, "dim": net.features_dim}
 
 

@@ -103,11 +103,8 @@ class Slide:
         return self.read_scaled(0, 0, self.width, self.height, tw, th)
 
     def sha256(self) -> str:
-        h = hashlib.sha256()
         with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ArraySlide(Slide):
