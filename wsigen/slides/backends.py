@@ -33,6 +33,8 @@ _UNIT_UM = {
 
 
 class OpenSlideSlide(Slide):
+    """Vendor whole-slide formats via OpenSlide; µm/px from openslide.mpp-x/y, background from the file."""
+
     def __init__(self, path: Path, osr, mpp: float | None):
         self._osr = osr
         bg = WHITE
