@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 import wsigen
 from wsigen.cli.app import app
 from wsigen.errors import UsageError, WsigenError
-from wsigen.slides.exporting import Codec, chunk_reader, encoded_tiles, export, write_png
+from wsigen.slides.export_tiles import Codec, chunk_reader, encoded_tiles
+from wsigen.slides.export_vips import write_png
+from wsigen.slides.exporting import export
 
 SUFFIX = {"ome-tiff": ".ome.tif", "tiff": ".tif", "svs": ".svs", "dzi": ".dzi", "png": ".png"}
 MPP, SEED, TILE = 0.25, 5, 256

@@ -277,7 +277,7 @@ def test_load_fid_weights_safetensors_and_pth(tmp_path, inception):
     """pytorch-fid's file: torchvision names, 1008 classes, no AuxLogits; a .pth with 'module.'."""
     from safetensors.torch import save_file
 
-    from wsigen.judge.evaluate import load_feature_net
+    from wsigen.judge.features import load_feature_net
 
     state = {k: v.half() if v.is_floating_point() else v for k, v in inception.state_dict().items()
              if not k.startswith(("AuxLogits", "fc."))}
@@ -300,7 +300,7 @@ def test_load_fid_weights_safetensors_and_pth(tmp_path, inception):
 def test_load_feature_net_refuses_wrong_or_unsafe_files(tmp_path):
     from safetensors.torch import save_file
 
-    from wsigen.judge.evaluate import load_feature_net
+    from wsigen.judge.features import load_feature_net
     from wsigen.nets.resnet import ResNet50
 
     state = ResNet50().state_dict()

@@ -8,7 +8,7 @@ from clitools import SVS
 from clitools import invoke as run
 from PIL import Image
 
-from wsigen.judge import preview
+from wsigen.judge import drawing, preview, tissue
 from wsigen.slides import readers
 
 
@@ -46,7 +46,7 @@ def glass_with_tissue(side=2048, box=(1300, 450, 400, 300)):
 def test_tissue_mask():
     px = np.array([[[242, 240, 244], [120, 120, 120], [200, 120, 180], [90, 50, 140], [250, 250, 250]]],
                   np.uint8)
-    assert preview.tissue_mask(px).tolist() == [[False, False, True, True, False]]
+    assert tissue.tissue_mask(px).tolist() == [[False, False, True, True, False]]
 
 
 def test_zoom_panels_follow_tissue_and_read_little():
@@ -59,7 +59,7 @@ def test_zoom_panels_follow_tissue_and_read_little():
         assert prev.y <= p.y and p.y + p.h <= prev.y + prev.h + 1e-6
         cx, cy = p.x + p.w / 2, p.y + p.h / 2
         assert 1300 <= cx <= 1700 and 450 <= cy <= 750
-    assert preview.tissue_mask(panels[-1].image).mean() > 0.95
+    assert tissue.tissue_mask(panels[-1].image).mean() > 0.95
     # the whole figure reads about three panels' worth, never a full level-0 image
     assert slide.read_px[0] <= 1.2 * 128 * 128
     assert sum(slide.read_px) < 0.05 * 2048 * 2048
@@ -74,8 +74,8 @@ def test_zoom_centre_and_small_slides():
 
 
 def test_nice_lengths():
-    assert [preview.nice_length(v) for v in (0.7, 3, 9.9, 140, 2600)] == [0.5, 2, 5, 100, 2000]
-    assert preview.format_um(2000) == "2 mm" and preview.format_um(50) == "50 µm"
+    assert [drawing.nice_length(v) for v in (0.7, 3, 9.9, 140, 2600)] == [0.5, 2, 5, 100, 2000]
+    assert drawing.format_um(2000) == "2 mm" and drawing.format_um(50) == "50 µm"
 
 
 def test_preview_store_figure(store, tmp_path):

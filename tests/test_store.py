@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 from wsigen.errors import WsigenError
+from wsigen.slides import pyramid
 from wsigen.slides import store as st
 from wsigen.slides.store import SlideStore, downsample2, level_shapes
 
@@ -319,7 +320,7 @@ def test_killed_chunk_write_leaves_old_chunk(tmp_path):
 def test_interrupted_pyramid_leaves_store_incomplete_then_finalize_completes(tmp_path, monkeypatch):
     s = make_store(tmp_path / "p.zarr", 1300, 1000, finalize=False)
     calls = {"n": 0}
-    real = st.downsample2
+    real = pyramid.downsample2
 
     def failing(a):
         calls["n"] += 1
@@ -327,7 +328,7 @@ def test_interrupted_pyramid_leaves_store_incomplete_then_finalize_completes(tmp
             raise KeyboardInterrupt
         return real(a)
 
-    monkeypatch.setattr(st, "downsample2", failing)
+    monkeypatch.setattr(pyramid, "downsample2", failing)
     with pytest.raises(KeyboardInterrupt):
         s.finalize(0.5, "p", min_side=256, workers=1)
     monkeypatch.undo()

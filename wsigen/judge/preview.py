@@ -16,110 +16,14 @@ import numpy as np
 
 from ..errors import UsageError, WsigenError
 from ..slides import readers
+from .drawing import draw_scale_bar, draw_text, format_um, load_font, text_width
+from .sources import describe, open_slide
+from .tissue import tissue_boxes, tissue_centre
 
-# Tissue is what is neither near-white glass nor grey (dust, ink, shadows): H&E is coloured.
-WHITE_MIN = 215  # a pixel whose darkest channel is at least this is glass
-SATURATION_MIN = 18  # max − min channel below this is grey, not stained tissue
+# training.plot imports these three from here until it draws with matplotlib; then they can go
+_font, _text, _width = load_font, draw_text, text_width
+
 ZOOM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b"]
-
-
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """(h, w, 3) uint8 → bool: stained tissue, i.e. not near-white and not low-saturation."""
-    lo, hi = rgb.min(axis=2), rgb.max(axis=2)
-    return (lo < WHITE_MIN) & ((hi.astype(np.int16) - lo) >= SATURATION_MIN)
-
-
-# -- slides -----------------------------------------------------------------------------------
-
-
-class StoreSlide(readers.Slide):
-    """A wsigen store through the ``readers.Slide`` interface: levels 0 … n of the final image."""
-
-    def __init__(self, store):
-        self.store = store
-        g = store.group
-        self._arrays = []
-        i = 0
-        while str(i) in g:
-            self._arrays.append(g[str(i)])
-            i += 1
-        if not self._arrays:
-            raise WsigenError(f"{store.path} has no image (level 0 is missing)")
-        _, h0, w0 = self._arrays[0].shape
-        levels = [(a.shape[2], a.shape[1], w0 / a.shape[2]) for a in self._arrays]
-        info = store.info
-        mpp = (info.get("config") or {}).get("mpp") or info["stages"][-1]["mpp"]
-        bg = ((info.get("model") or {}).get("config") or {}).get("background", readers.WHITE)
-        super().__init__(store.path, levels, float(mpp), bg)
-
-    def _read(self, level, x, y, w, h):
-        chw = np.asarray(self._arrays[level][:, y : y + h, x : x + w])
-        return np.ascontiguousarray(chw.transpose(1, 2, 0))
-
-
-def is_store(path: str | os.PathLike) -> bool:
-    return (Path(path) / "zarr.json").is_file()
-
-
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> readers.Slide:
-    """A wsigen store or an image file; ``mpp`` overrides (or supplies) the µm/px."""
-    from ..slides.store import SlideStore
-
-    if is_store(path):
-        store = SlideStore.open(path)
-        if not store.complete:
-            raise WsigenError(f"{path} is not complete (its pyramid is not built yet); finish it "
-                              f"with: wsigen sample --resume -o {path}")
-        s = StoreSlide(store)
-        if mpp is not None:
-            s.mpp = mpp
-        return s
-    return readers.open_image(path, mpp=mpp, require_mpp=False)
-
-
-def describe(slide: readers.Slide) -> dict:
-    """Name, size, µm/px and (for stores) provenance: what a figure title and a report show."""
-    d = {"path": str(slide.path), "name": Path(slide.path).name if slide.path else "image",
-         "width": slide.width, "height": slide.height, "mpp": slide.mpp}
-    if isinstance(slide, StoreSlide):
-        info = slide.store.info
-        d.update(synthetic=True, seed=info.get("seed"), model=(info.get("model") or {}).get("name"),
-                 model_sha256=(info.get("model") or {}).get("sha256"),
-                 grid_shift=(info.get("config") or {}).get("grid_shift"))
-    return d
-
-
-# -- choosing where to look ---------------------------------------------------------------------
-
-
-def _integral(mask: np.ndarray) -> np.ndarray:
-    s = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
-    s[1:, 1:] = mask.cumsum(0).cumsum(1)
-    return s
-
-
-def box_fraction(sat: np.ndarray, y0, x0, h: int, w: int):
-    """Mean of the mask over boxes [y0, y0+h) × [x0, x0+w) (arrays of corners allowed)."""
-    return (sat[y0 + h, x0 + w] - sat[y0, x0 + w] - sat[y0 + h, x0] + sat[y0, x0]) / float(h * w)
-
-
-def tissue_centre(rgb: np.ndarray, box: int) -> tuple[float, float]:
-    """Centre (x, y), in pixels of ``rgb``, of a box × box window that is as full of tissue as any;
-    among the nearly-full ones the nearest to the tissue's centre of mass, so zooms stay central."""
-    h, w = rgb.shape[:2]
-    box = max(1, min(box, h, w))
-    mask = tissue_mask(rgb)
-    if not mask.any():
-        return w / 2, h / 2
-    sat = _integral(mask)
-    ys, xs = np.mgrid[0 : h - box + 1, 0 : w - box + 1]
-    frac = box_fraction(sat, ys, xs, box, box)
-    my, mx = (np.argwhere(mask).mean(axis=0) - box / 2)
-    good = frac >= 0.95 * frac.max()
-    dist = (ys - my) ** 2 + (xs - mx) ** 2
-    i = np.argmin(np.where(good, dist, np.inf))
-    y, x = np.unravel_index(i, frac.shape)
-    return float(xs[y, x] + box / 2), float(ys[y, x] + box / 2)
 
 
 @dataclass
@@ -166,133 +70,6 @@ def zoom_panels(slide: readers.Slide, zoom: float = 4, panel: int = 512,
     return panels
 
 
-def tissue_map(slide: readers.Slide, thumb_side: int = 2048):
-    """(thumbnail shape, summed-area table of its tissue mask), computed once per slide object."""
-    cache = slide.__dict__.setdefault("_tissue_maps", {})
-    if thumb_side not in cache:
-        thumb = slide.thumbnail(thumb_side)
-        cache[thumb_side] = (thumb.shape, _integral(tissue_mask(thumb)))
-    return cache[thumb_side]
-
-
-def tissue_boxes(slide: readers.Slide, footprint: float, n: int, seed: int = 0,
-                 min_tissue: float = 0.5, stride: float | None = None,
-                 x_range: tuple[float, float] | None = None, thumb_side: int = 2048,
-                 ) -> list[tuple[float, float]]:
-    """Top-left corners (level 0) of square boxes of side ``footprint`` with at least
-    ``min_tissue`` tissue: ``n`` random ones (keyed by ``seed``, overlapping as little as the
-    tissue allows), or every one on a grid of ``stride`` when given. ``x_range`` limits columns."""
-    W, H = slide.width, slide.height
-    xa, xb = x_range or (0, W)
-    if footprint > min(H, xb - xa):
-        return []
-    thumb_shape, sat = tissue_map(slide, thumb_side)
-    f = W / thumb_shape[1]
-    fp = max(1, round(footprint / f))
-
-    def frac(x, y):
-        tx = np.clip(np.round(np.asarray(x) / f).astype(int), 0, thumb_shape[1] - fp)
-        ty = np.clip(np.round(np.asarray(y) / f).astype(int), 0, thumb_shape[0] - fp)
-        return box_fraction(sat, ty, tx, fp, fp)
-
-    if stride is not None:
-        xs = np.arange(xa, xb - footprint + 1e-9, stride)
-        ys = np.arange(0, H - footprint + 1e-9, stride)
-        gx, gy = np.meshgrid(xs, ys)
-        ok = frac(gx, gy) >= min_tissue
-        return [(float(x), float(y)) for x, y in zip(gx[ok], gy[ok], strict=True)]
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7E1]))
-    cand_x = rng.uniform(xa, xb - footprint, size=max(64, 64 * n))
-    cand_y = rng.uniform(0, H - footprint, size=cand_x.size)
-    ok = frac(cand_x, cand_y) >= min_tissue
-    cand = list(zip(cand_x[ok].tolist(), cand_y[ok].tolist(), strict=True))
-    chosen: list[tuple[float, float]] = []
-    for x, y in cand:  # first pass: no overlap
-        if len(chosen) == n:
-            break
-        if all(abs(x - a) >= footprint or abs(y - b) >= footprint for a, b in chosen):
-            chosen.append((x, y))
-    for c in cand:  # tissue too small for n disjoint boxes: allow overlap
-        if len(chosen) == n:
-            break
-        if c not in chosen:
-            chosen.append(c)
-    return chosen
-
-
-# -- drawing ----------------------------------------------------------------------------------
-
-
-def _font(size: int):
-    """DejaVu Sans where the system has it (it has µ and ×), else Pillow's default font."""
-    from PIL import ImageFont
-
-    try:
-        f = ImageFont.truetype("DejaVuSans.ttf", size)
-        f.ascii_only = False
-        return f
-    except OSError:
-        pass
-    try:
-        f = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        f = ImageFont.load_default()
-    f.ascii_only = True  # Pillow's default font has neither µ nor ×
-    if not hasattr(f, "size"):
-        f.size = 11
-    return f
-
-
-def _ascii(s: str, font) -> str:
-    if getattr(font, "ascii_only", False):
-        s = s.replace("µ", "u").replace("×", "x").replace("·", "-")
-    return s
-
-
-def _text(draw, xy, s: str, font, fill) -> None:
-    draw.text(xy, _ascii(s, font), fill=fill, font=font)
-
-
-def _width(s: str, font) -> int:
-    return round(font.getlength(_ascii(s, font)))
-
-
-def nice_length(target: float) -> float:
-    """The largest 1, 2 or 5 × 10^n not above ``target`` (scale-bar lengths)."""
-    if target <= 0:
-        return 0.0
-    e = math.floor(math.log10(target))
-    for m in (5, 2, 1):
-        if m * 10**e <= target:
-            return m * 10**e
-    return 10**e
-
-
-def format_um(um: float) -> str:
-    if um >= 1000:
-        return f"{um / 1000:g} mm"
-    return f"{um:g} µm"
-
-
-def draw_scale_bar(draw, x: int, y: int, width_px: int, um_per_px: float | None, font) -> None:
-    """A bar of a round length about a quarter of ``width_px`` wide, bottom-left at (x, y)."""
-    if um_per_px:
-        length = nice_length(width_px * 0.28 * um_per_px)
-        bar, label = round(length / um_per_px), format_um(length)
-    else:
-        length = nice_length(width_px * 0.28)
-        bar, label = round(length), f"{length:g} px"
-    if bar < 2:
-        return
-    tb = draw.textbbox((0, 0), label, font=font)
-    tw, th = tb[2] - tb[0], tb[3] - tb[1]
-    pad = 5
-    bw, bh = max(bar, tw) + 2 * pad, th + 2 * pad + 9
-    draw.rectangle([x, y - bh, x + bw, y], fill=(255, 255, 255, 215))
-    draw.rectangle([x + pad, y - pad - 5, x + pad + bar, y - pad], fill=(0, 0, 0, 255))
-    _text(draw, (x + pad, y - bh + pad - tb[1]), label, font, (0, 0, 0, 255))
-
-
 def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
                 centre: tuple[float, float] | None = None):
     """The figure as a Pillow image: panels left to right, each with the next one's box drawn in it."""
@@ -300,7 +77,7 @@ def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
 
     panels = zoom_panels(slide, zoom, panel, centre)
     gap, margin = max(24, panel // 10), 16
-    font, small = _font(max(12, panel // 28)), _font(max(11, panel // 34))
+    font, small = load_font(max(12, panel // 28)), load_font(max(11, panel // 34))
     title_h = margin + round(font.size * 1.4 + small.size * 1.3) + margin
     cap_h = round(small.size * 2.8)
     n = len(panels)
@@ -317,14 +94,14 @@ def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
     sub.append("each box shows where the next panel comes from"
                + ("" if mpp else " · µm/px unknown: scale bars in pixels"))
     sub = "  ·  ".join(sub)
-    width = max(2 * margin + n * panel + (n - 1) * gap, 2 * margin + _width(title, font),
-                2 * margin + _width(sub, small))
+    width = max(2 * margin + n * panel + (n - 1) * gap, 2 * margin + text_width(title, font),
+                2 * margin + text_width(sub, small))
     height = title_h + panel + cap_h + margin
     fig = Image.new("RGB", (width, height), (255, 255, 255))
     over = Image.new("RGBA", fig.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(over)
-    _text(d, (margin, margin // 2), title, font, (0, 0, 0, 255))
-    _text(d, (margin, margin // 2 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
+    draw_text(d, (margin, margin // 2), title, font, (0, 0, 0, 255))
+    draw_text(d, (margin, margin // 2 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
     boxes = []
     for i, p in enumerate(panels):
         ox = margin + i * (panel + gap)
@@ -346,8 +123,8 @@ def zoom_figure(slide: readers.Slide, zoom: float = 4, panel: int = 512,
         field = f"{p.w * mpp / 1000:.3g} mm" if mpp and p.w * mpp >= 1000 else (
             f"{p.w * mpp:.3g} µm" if mpp else f"{p.w:.0f} px")
         cap2 = f"{mpp * p.scale:.3g} µm/px · field {field}" if mpp else f"{p.scale:.3g} px/px · field {field}"
-        _text(d, (px0, title_h + panel + 6), cap, small, (0, 0, 0, 255))
-        _text(d, (px0, title_h + panel + 6 + round(small.size * 1.2)), cap2, small, (90, 90, 90, 255))
+        draw_text(d, (px0, title_h + panel + 6), cap, small, (0, 0, 0, 255))
+        draw_text(d, (px0, title_h + panel + 6 + round(small.size * 1.2)), cap2, small, (90, 90, 90, 255))
     for i in range(1, n):
         prev, p = panels[i - 1], panels[i]
         bx, by, _, _ = boxes[i - 1]
@@ -385,19 +162,19 @@ def patch_grid(slide: readers.Slide, count: int, mpp: float, size: int = 256, se
     cols = columns or math.ceil(math.sqrt(len(corners)))
     rows = math.ceil(len(corners) / cols)
     gap, margin = 8, 12
-    font, small = _font(max(12, size // 14)), _font(max(10, size // 20))
+    font, small = load_font(max(12, size // 14)), load_font(max(10, size // 20))
     title_h = 6 + round(font.size * 1.4 + small.size * 1.3) + 8
     name = describe(slide)["name"]
     title = (f"{name}: {len(corners)} random tissue patches at {mpp:g} µm/px "
              f"({size} px = {format_um(size * mpp)})")
     sub = f"labels: top-left corner in level-0 pixels · seed {seed}"
-    width = max(2 * margin + cols * size + (cols - 1) * gap, 2 * margin + _width(title, font),
-                2 * margin + _width(sub, small))
+    width = max(2 * margin + cols * size + (cols - 1) * gap, 2 * margin + text_width(title, font),
+                2 * margin + text_width(sub, small))
     fig = Image.new("RGB", (width, title_h + rows * (size + gap) + margin), (255, 255, 255))
     over = Image.new("RGBA", fig.size, (0, 0, 0, 0))
     d = ImageDraw.Draw(over)
-    _text(d, (margin, 6), title, font, (0, 0, 0, 255))
-    _text(d, (margin, 6 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
+    draw_text(d, (margin, 6), title, font, (0, 0, 0, 255))
+    draw_text(d, (margin, 6 + round(font.size * 1.4)), sub, small, (90, 90, 90, 255))
     for j, (x, y) in enumerate(corners):
         r, c = divmod(j, cols)
         ox, oy = margin + c * (size + gap), title_h + r * (size + gap)
@@ -406,7 +183,7 @@ def patch_grid(slide: readers.Slide, count: int, mpp: float, size: int = 256, se
         label = f"{x:,.0f}, {y:,.0f}"
         tb = d.textbbox((0, 0), label, font=small)
         d.rectangle([ox, oy, ox + tb[2] + 6, oy + tb[3] + 4], fill=(255, 255, 255, 200))
-        _text(d, (ox + 3, oy + 2), label, small, (0, 0, 0, 255))
+        draw_text(d, (ox + 3, oy + 2), label, small, (0, 0, 0, 255))
         if j == 0:
             draw_scale_bar(d, ox + 6, oy + size - 6, size, mpp, small)
     fig.paste(over, (0, 0), over)

@@ -16,9 +16,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +25,11 @@ from zarr.codecs import ZstdCodec
 from .. import faults
 from ..errors import WsigenError
 from ..version import __version__
+from . import pyramid
+from .parallel import bounded_map, default_workers  # noqa: F401  (run.sampler imports both from here)
+from .pyramid import PYRAMID_MIN, downsample2, level_shapes  # noqa: F401  (the NGFF metadata names store.downsample2)
 
 CHUNK = 512
-PYRAMID_MIN = 1024
 STATE = "state/x"
 # What the "wsigen" attributes must say besides what the store adds (design.md §4).
 REQUIRED_INFO = ("torch_version", "config", "key", "model", "seed", "mpp_per_stage")
@@ -40,8 +39,9 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}
 _CODEC = ZstdCodec(level=1, checksum=True)  # level 1: 5× faster to write than 3, as small here
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "zarr.json").is_file()
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr v3 store (a wsigen store or not: the attributes say which)."""
+    return (Path(path) / "zarr.json").is_file()
 
 
 def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -50,7 +50,7 @@ def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
-        if p.is_dir() and not p.is_symlink() and (_is_store(p) or not any(p.iterdir())):
+        if p.is_dir() and not p.is_symlink() and (is_store(p) or not any(p.iterdir())):
             shutil.rmtree(p)
         else:
             raise WsigenError(f"refusing to overwrite {p}: it is not a wsigen store")
@@ -58,27 +58,6 @@ def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if parent.exists() and not parent.is_dir():
         raise WsigenError(f"cannot create {p}: {parent} is not a directory")
     return p
-
-
-def level_shapes(height: int, width: int, min_side: int = PYRAMID_MIN) -> list[tuple[int, int]]:
-    """Level 0 and its 2× reductions (ceil) down to max side ≤ min_side."""
-    if min_side < 1:
-        raise ValueError(f"min_side must be positive (got {min_side})")
-    shapes = [(height, width)]
-    while max(shapes[-1]) > min_side:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
-
-
-def downsample2(a: np.ndarray) -> np.ndarray:
-    """Integer 2×2 mean (round half up) of (C, H, W) uint8; an odd edge repeats its last row/column."""
-    c, h, w = a.shape
-    if h % 2 or w % 2:
-        a = np.pad(a, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
-    s = a.astype(np.uint16)
-    s = s[:, 0::2, 0::2] + s[:, 1::2, 0::2] + s[:, 0::2, 1::2] + s[:, 1::2, 1::2]
-    return ((s + 2) // 4).astype(np.uint8)
 
 
 def ngff_attrs(shapes: list[tuple[int, int]], mpp: float, name: str) -> dict:
@@ -112,33 +91,6 @@ def ngff_attrs(shapes: list[tuple[int, int]], mpp: float, name: str) -> dict:
             "rdefs": {"model": "color"},
         },
     }
-
-
-def bounded_map(fn: Callable, items: Iterable, workers: int, ahead: int | None = None) -> Iterator:
-    """``map(fn, items)`` in order on ``workers`` threads with at most ``ahead`` results pending.
-
-    Unlike ``Executor.map`` it consumes ``items`` lazily, so memory stays bounded.
-    """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    ahead = ahead or 2 * workers
-    pending: deque[Future] = deque()
-    with ThreadPoolExecutor(workers) as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _damage(info: dict) -> str | None:
@@ -207,7 +159,7 @@ class SlideStore:
         p = Path(path)
         if not p.exists():
             raise WsigenError(f"store not found: {p}")
-        if not _is_store(p):
+        if not is_store(p):
             raise WsigenError(f"{p} is not a zarr v3 store (no zarr.json)")
         try:
             g = zarr.open_group(str(p), mode=mode, zarr_format=3)
@@ -352,17 +304,7 @@ class SlideStore:
         for i in range(1, len(shapes)):
             src = self.array(str(i - 1))
             dst = self._array(str(i), shapes[i], c).with_config(_ARRAY_CONFIG)
-            h, w = shapes[i]
-
-            def one(yx, src=src, dst=dst, h=h, w=w, i=i):
-                y, x = yx
-                block = np.asarray(src[:, 2 * y : 2 * (y + c), 2 * x : 2 * (x + c)])
-                dst[:, y : y + c, x : x + c] = downsample2(block)[:, : min(c, h - y), : min(c, w - x)]
-                faults.point("pyramid-chunk", i, y, x)
-
-            cells = ((y, x) for y in range(0, h, c) for x in range(0, w, c))
-            for _ in bounded_map(one, cells, workers or default_workers()):
-                pass
+            pyramid.halve_into(src, dst, c, i, workers or default_workers())
         return shapes
 
     # -- finishing ------------------------------------------------------------------------
