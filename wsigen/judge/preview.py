@@ -20,9 +20,6 @@ from .drawing import draw_scale_bar, draw_text, format_um, load_font, text_width
 from .sources import describe, open_slide
 from .tissue import tissue_boxes, tissue_centre
 
-# training.plot imports these three from here until it draws with matplotlib; then they can go
-_font, _text, _width = load_font, draw_text, text_width
-
 ZOOM_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b"]
 
 
