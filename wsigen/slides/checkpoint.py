@@ -142,11 +142,8 @@ def save_checkpoint(path: str | os.PathLike, denoiser: torch.nn.Module, config: 
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def default_model_path() -> Path:
