@@ -89,7 +89,7 @@ def test_blockwise_uint8_conversion_is_to_uint8(dtype):
 def test_blocks_of_a_stage_write_are_whole_chunks(tmp_path, monkeypatch):
     """Blocks of whole chunks in any order give the bytes of whole chunk rows; the fault point
     follows the rows in order."""
-    monkeypatch.setattr(sampler, "_WRITE_COLS", 64)
+    monkeypatch.setattr(stageio, "_WRITE_COLS", 64)
     seen = []
     monkeypatch.setattr(faults, "point", lambda name, *d: seen.append(d[0]) if name == "chunk-row" else None)
     info = {"torch_version": "", "config": {}, "key": {}, "model": {"name": "t"}, "seed": 0, "mpp_per_stage": [1.0]}
