@@ -425,3 +425,37 @@ def test_cli_bad_slide_and_warning(tmp_path):
     r = subprocess.run([*CLI, "view", str(tmp_path / "nope.zarr"), "--host", "0.0.0.0", "--no-browser"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no authentication" in r.stderr
+
+
+# -- a real browser ------------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (make install adds it where apt works)")
+def test_headless_chromium_zooms_and_shows_the_slide(tmp_path):
+    p = tmp_path / "big.zarr"
+    make_store(p, final=(1536, 2048), n_stages=2, min_side=256)
+    srv = start(p, port=0)
+    try:
+        top = layer(srv, "final")["max_level"]
+        shot = tmp_path / "shot.png"
+        cmd = [_chromium(), "--headless", "--disable-gpu", "--hide-scrollbars", "--window-size=600,400",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=8000",
+               f"--screenshot={shot}", f"http://127.0.0.1:{srv.port}/?zoom=8&x=0.5&y=0.5"]
+        if os.geteuid() == 0:
+            cmd.insert(1, "--no-sandbox")  # Chromium's sandbox refuses to run as root
+        subprocess.run(cmd, capture_output=True, timeout=90, check=True)
+        levels = {int(path.split("/")[4]) for m, path, status in srv.requests
+                  if path.startswith("/tiles/final/") and status == 200}
+        # the page opened at the overview, then the URL's zoom ×8 fetched full-resolution tiles
+        assert min(levels) < top - 2 and max(levels) == top, sorted(levels)
+        rgb = np.asarray(Image.open(shot).convert("RGB"))
+        h, w = rgb.shape[:2]
+        centre = np.median(rgb[int(0.5 * h) : int(0.65 * h), int(0.4 * w) : int(0.6 * w)].reshape(-1, 3), axis=0)
+        assert np.abs(centre - PINK).max() <= 12, centre
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -15,6 +15,7 @@
   });
   const shown = new Map();      // layer name -> {item, gen, input}
   let chosen = null;            // a layer the user picked; otherwise the newest is shown
+  let order = [];               // layer names as the server lists them, oldest first
   let worldUm = null;           // µm across world width 1
   let zoomedFromUrl = false;
 
@@ -38,8 +39,18 @@
     text("progress", line);
   }
 
+  function pick() {
+    if (chosen && shown.has(chosen)) return chosen;
+    let newest = null;
+    for (const name of order) if (shown.get(name)?.item) newest = name;
+    return newest;
+  }
+
   function show(name) {
-    for (const [n, s] of shown) { s.item.setOpacity(n === name ? 1 : 0); s.input.checked = n === name; }
+    for (const [n, s] of shown) {
+      if (s.item) s.item.setOpacity(n === name ? 1 : 0);  // opacity 0: OpenSeadragon loads no tiles
+      s.input.checked = n === name;
+    }
   }
 
   function zoomFromUrl() {
@@ -74,7 +85,7 @@
       opacity: 0,
       success: (e) => {
         record.item = e.item;
-        show(chosen && shown.has(chosen) ? chosen : layer.name);
+        show(pick());
         zoomFromUrl();
       },
     });
@@ -83,7 +94,8 @@
   function sync(info) {
     facts(info);
     worldUm = info.world_um;
-    const names = new Set(info.layers.map((l) => l.name));
+    order = info.layers.map((l) => l.name);
+    const names = new Set(order);
     for (const [name, s] of shown) {          // gone, or recreated by a new run
       const now = info.layers.find((l) => l.name === name);
       if (!names.has(name) || now.url !== s.gen) {
@@ -92,6 +104,7 @@
         shown.delete(name);
       }
     }
+    if (shown.size) show(pick());
     for (const layer of info.layers) if (!shown.has(layer.name)) add(layer, info);
     if (shown.size <= 1) $("layers").replaceChildren();  // one layer needs no chooser
   }
@@ -117,7 +130,8 @@
     const p = Math.pow(10, Math.floor(Math.log10(target)));
     const len = [5, 2, 1].map((m) => m * p).find((v) => v <= target) || p;
     $("scalebar-bar").style.width = `${len / umPerPx}px`;
-    text("scalebar-label", len >= 1000 ? `${len / 1000} mm` : `${len} µm`);
+    const nice = (v) => Number(v.toPrecision(1));
+    text("scalebar-label", len >= 1000 ? `${nice(len / 1000)} mm` : `${nice(len)} µm`);
     $("scalebar").hidden = false;
   }
   viewer.addHandler("update-viewport", scalebar);
