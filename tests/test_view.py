@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from wsigen.slides.store import SlideStore, downsample2
-from wsigen.view import start, tiles
 from wsigen.view import layers as layers_mod
+from wsigen.view import start, tiles
 
 PINK = (200, 80, 160)
 # JPEG q90, 4:4:4 against the exact pixels of `picture` (σ = 6 per-pixel noise, JPEG's worst case:
@@ -265,7 +265,7 @@ def test_out_of_range_tiles_are_404(png_server):
     for p in [f"{url}/{top + 1}/0_0.png", f"{url}/{top}/{cols}_0.png", f"{url}/{top}/0_{rows}.png",
               f"{url}/{top}/-1_0.png", f"{url}/0/1_0.png", f"{url}/{top}/0_0.gif", f"{url}/{top}/0_0",
               f"tiles/final/00000000/{top}/0_0.png", f"tiles/stage9/{lay['url'].split('/')[2]}/0/0_0.png",
-              f"tiles/nope/0/0/0_0.png", f"{url}/{top}/0_0.png/x", f"{url}/99999/0_0.png"]:
+              "tiles/nope/0/0/0_0.png", f"{url}/{top}/0_0.png/x", f"{url}/99999/0_0.png"]:
         r, _ = get(png_server, "/" + p)
         assert r.status == 404, p
     assert get(png_server, f"/{url}/{top}/{cols - 1}_{rows - 1}.png")[0].status == 200
@@ -434,7 +434,8 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (make install adds it where apt works)")
+@pytest.mark.skipif(_chromium() is None,
+                    reason="Debian's chromium is not installed (make install adds it where apt works)")
 def test_headless_chromium_zooms_and_shows_the_slide(tmp_path):
     p = tmp_path / "big.zarr"
     make_store(p, final=(1536, 2048), n_stages=2, min_side=256)
