@@ -174,6 +174,31 @@ def test_lru_is_bounded():
     assert c.bytes == 0
 
 
+def test_pyramid_makes_each_block_once_under_concurrency():
+    import threading
+
+    base = picture(1024, 1024)
+    reads = []
+
+    def read(x0, y0, x1, y1):
+        reads.append((x0, y0, x1, y1))
+        time.sleep(0.01)  # let the other threads collide
+        return base[:, y0:y1, x0:x1]
+
+    pyr = tiles.Pyramid(1024, 1024, {0: read}, ("t",), tiles.LRU(64 << 20))
+    level = pyr.max_level - 3  # 128² from the full 1024² through three rounds of 2×2 means
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(pyr.tile(level, 0, 0))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 4  # the four 512² boxes of level 0 behind the four blocks of level 1 (512²)
+    want = downsample2(downsample2(downsample2(base)))
+    for g in got:
+        np.testing.assert_array_equal(g, want)
+
+
 # -- pixels -------------------------------------------------------------------------------------
 
 
@@ -199,11 +224,12 @@ def test_jpeg_tiles_are_within_the_stated_bound(png_server, store_path):
     assert psnr >= JPEG_PSNR_DB and err.mean() <= JPEG_MEAN_ERR, (psnr, err.mean())
 
 
-def test_exported_ome_tiff_serves_the_same_pixels(tmp_path, store_path):
+@pytest.mark.parametrize("fmt,name", [("ome-tiff", "slide.ome.tif"), ("tiff", "slide.tif"), ("svs", "slide.svs")])
+def test_exported_files_serve_the_same_pixels(tmp_path, store_path, fmt, name):
     from wsigen.slides.exporting import export
 
-    out = tmp_path / "slide.ome.tif"
-    export(store_path, out, format="ome-tiff", compression="zstd", tile=128)
+    out = tmp_path / name
+    export(store_path, out, format=fmt, compression="deflate", tile=128)
     srv = start(out, port=0, tile_format="png")
     try:
         store = SlideStore.open(store_path)
@@ -310,6 +336,27 @@ def test_head_and_headers(png_server):
         assert r.getheader("X-Content-Type-Options") == "nosniff", path
         assert not any(n.startswith("access-control-") for n in names), path
         assert "python" not in (r.getheader("Server") or "").lower()
+
+
+def test_worker_threads_are_bounded(store_path, monkeypatch):
+    import threading
+
+    from wsigen.view import server
+
+    monkeypatch.setattr(server.Handler, "timeout", 0.4)  # idle connections close sooner
+    srv = start(store_path, port=0, workers=2)
+    socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(6)]  # idle clients
+    try:
+        time.sleep(0.2)
+        busy = [t for t in threading.enumerate() if "process_request_thread" in t.name and t.is_alive()]
+        assert len(busy) == 2
+        r, _ = get(srv, "/info.json")  # served once the idle ones have timed out
+        assert r.status == 200
+    finally:
+        for s in socks:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_the_store_is_never_written(tmp_path):

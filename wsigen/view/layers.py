@@ -52,9 +52,31 @@ class Snapshot:
     when: float = field(default_factory=time.monotonic)
 
 
-def _array_reader(arr):
+def _array_reader(arr, key: tuple, cache: LRU):
+    """Boxes of a complete (3, h, w) zarr array, through a cache of decoded chunks.
+
+    A 256² tile lies across up to four 512² chunks, and a pan asks for the neighbours next, so
+    each chunk is decoded once rather than for every tile that touches it.
+    """
+    _, ch, cw = arr.chunks
+    _, h, w = arr.shape
+
+    def chunk(cy: int, cx: int) -> np.ndarray:
+        k = (*key, "chunk", cy, cx)
+        if (hit := cache.lookup(k)) is None:
+            hit = np.asarray(arr[:, cy * ch : min((cy + 1) * ch, h), cx * cw : min((cx + 1) * cw, w)])
+            cache.put(k, hit, hit.nbytes)
+        return hit
+
     def read(x0, y0, x1, y1):
-        return np.asarray(arr[:, y0:y1, x0:x1])
+        out = np.empty((3, y1 - y0, x1 - x0), np.uint8)
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                oy, ox = cy * ch, cx * cw
+                sy0, sx0, sy1, sx1 = max(y0, oy), max(x0, ox), min(y1, oy + ch), min(x1, ox + cw)
+                out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = chunk(cy, cx)[:, sy0 - oy : sy1 - oy,
+                                                                                sx0 - ox : sx1 - ox]
+        return out
 
     return read
 
@@ -108,16 +130,18 @@ def store_layers(store: SlideStore, cache: LRU) -> dict[str, Layer]:
             continue
         gen = _generation(store.path / name)
         arr = g[name]
+        key = ("store", f"stage{l}", gen)
         out[f"stage{l}"] = Layer(f"stage{l}", f"stage {l} ({st['width']}×{st['height']} at {st['mpp']:g} µm/px)",
                                  st["width"], st["height"], float(st["mpp"]),
-                                 Pyramid(st["width"], st["height"], {0: _array_reader(arr)},
-                                         ("store", f"stage{l}", gen), cache), gen)
+                                 Pyramid(st["width"], st["height"], {0: _array_reader(arr, (*key, 0), cache)},
+                                         key, cache), gen)
     if store.complete:
         top = store.stages[-1]
         gen = _generation(store.path / "0")
-        readers = {int(n): _array_reader(g[n]) for n in store.level_names()}
+        key = ("store", "final", gen)
+        readers = {int(n): _array_reader(g[n], (*key, int(n)), cache) for n in store.level_names()}
         out["final"] = Layer("final", "final image", top["width"], top["height"], float(top["mpp"]),
-                             Pyramid(top["width"], top["height"], readers, ("store", "final", gen), cache), gen)
+                             Pyramid(top["width"], top["height"], readers, key, cache), gen)
     return out
 
 

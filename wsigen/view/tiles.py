@@ -115,6 +115,8 @@ class Pyramid:
         self.width, self.height = width, height
         self.readers, self.key, self.cache = readers, key, cache
         self.max_level = max_level(width, height)
+        self._making: dict[tuple, threading.Event] = {}  # blocks being computed now, by key
+        self._making_lock = threading.Lock()
 
     def region(self, d: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """(3, y1 − y0, x1 − x0) uint8: the box of level ``d`` (inside the level)."""
@@ -132,15 +134,34 @@ class Pyramid:
 
     def _block(self, d: int, by: int, bx: int) -> np.ndarray:
         key = (*self.key, d, by, bx)
-        if self.cache is not None and (hit := self.cache.lookup(key)) is not None:
+        if self.cache is None:
+            return self._make(d, by, bx)
+        if (hit := self.cache.lookup(key)) is not None:
             return hit
+        # a page asks for several coarse tiles at once: each block is computed by one thread only
+        # (for a big array without a pyramid the first overview reads all of it)
+        with self._making_lock:
+            busy = self._making.get(key)
+            if busy is None:
+                self._making[key] = threading.Event()
+        if busy is not None:
+            busy.wait()
+            if (hit := self.cache.lookup(key)) is not None:
+                return hit
+            return self._make(d, by, bx)  # evicted already, or the other thread failed
+        try:
+            block = self._make(d, by, bx)
+            self.cache.put(key, block, block.nbytes)
+            return block
+        finally:
+            with self._making_lock:
+                self._making.pop(key).set()
+
+    def _make(self, d: int, by: int, bx: int) -> np.ndarray:
         # the finer level's 2× box, clipped to it: downsample2 repeats an odd edge as the store does
         fw, fh = level_size(self.width, self.height, d - 1)
         fx0, fy0 = 2 * bx * BLOCK, 2 * by * BLOCK
-        block = downsample2(self.region(d - 1, fx0, fy0, min(fx0 + 2 * BLOCK, fw), min(fy0 + 2 * BLOCK, fh)))
-        if self.cache is not None:
-            self.cache.put(key, block, block.nbytes)
-        return block
+        return downsample2(self.region(d - 1, fx0, fy0, min(fx0 + 2 * BLOCK, fw), min(fy0 + 2 * BLOCK, fh)))
 
     def tile(self, level: int, col: int, row: int, tile: int = TILE, overlap: int = OVERLAP) -> np.ndarray | None:
         """(3, h, w) pixels of a Deep Zoom tile, None when it does not exist."""
