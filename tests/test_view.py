@@ -327,6 +327,13 @@ def test_only_get_and_head(png_server, method):
     assert status in (405, 501)
 
 
+def test_malformed_requests_get_our_headers(png_server):
+    for req in (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                b"BREW / HTTP/1.1\r\n\r\n"):
+        status, data = raw(png_server, req)
+        assert status in (431, 414, 501) and b"nosniff" in data and b"text/html" not in data
+
+
 def test_head_and_headers(png_server):
     r, body = get(png_server, "/info.json", "HEAD", {"Origin": "http://evil.example"})
     assert r.status == 200 and body == b"" and int(r.getheader("Content-Length")) > 0

@@ -153,6 +153,14 @@ class Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method
 
+    def version_string(self) -> str:
+        return self.server_version
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own errors (unknown method, malformed request, …) get our headers too
+        self.close_connection = True
+        self._send(code, f"{code} {message or self.responses.get(code, ('',))[0]}\n".encode(), "txt")
+
     def log_message(self, format, *args):  # the server's own log replaces http.server's stderr lines
         pass
 
@@ -175,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body and self.command != "HEAD":
             self.wfile.write(data)
-        self.server.log(self.command, self.path, status)
+        self.server.log(getattr(self, "command", None) or "-", getattr(self, "path", None) or "-", status)
 
     def _serve(self, body: bool) -> None:
         if not self.server.host_ok(self.headers.get("Host")):
