@@ -295,6 +295,12 @@ def test_out_of_range_tiles_are_404(png_server):
         r, _ = get(png_server, "/" + p)
         assert r.status == 404, p
     assert get(png_server, f"/{url}/{top}/{cols - 1}_{rows - 1}.png")[0].status == 200
+    r, with_gen = get(png_server, f"/{url}/{top}/1_1.jpeg")
+    assert "immutable" in r.getheader("Cache-Control")
+    r, without = get(png_server, f"/tiles/final/{top}/1_1.jpeg")  # the layer as it is now (curl)
+    assert r.status == 200 and without == with_gen and r.getheader("Cache-Control") == "no-cache"
+    for p in (f"tiles/final/abc/{top}/0_0.png", f"tiles/final/{url.split('/')[2]}0/{top}/0_0.png"):
+        assert get(png_server, "/" + p)[0].status == 404, p
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
@@ -442,6 +448,36 @@ def test_a_store_written_again_drops_its_old_tiles(tmp_path, monkeypatch):
         new = layer(srv, "stage0")
         assert new["url"] != old["url"]
         assert decode(get(srv, f"/{new['url']}/{new['max_level']}/0_0.png")[1]).max() == 9
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_sampling_run_killed_after_stage_2_then_resumed(tmp_path, monkeypatch):
+    """The real sampler: stages appear as the run marks them, the final pyramid when it completes."""
+    from wsigen.api import sample
+
+    monkeypatch.setattr(layers_mod, "REFRESH_S", 0.0)
+    p = tmp_path / "run.zarr"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WSIGEN_FAULT": "stage:3"}
+    r = subprocess.run([*CLI, "sample", "--model", "gaussian", "--patch", "64", "--size", "700x500", "--steps", "4",
+                        "--threads", "1", "-o", str(p)], env=env, capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    srv = start(p, port=0, tile_format="png")
+    try:
+        d = info(srv)
+        assert [l["name"] for l in d["layers"]] == ["stage0", "stage1", "stage2"] and d["live"]
+        assert d["stages_complete"] == [0, 1, 2] and len(d["stages"]) == 5
+        s2 = layer(srv, "stage2")
+        want = np.asarray(SlideStore.open(p).stage_array(2)[:])
+        np.testing.assert_array_equal(fetch_level(srv, s2, s2["max_level"], "png"), want)
+        sample(p, resume=True, threads=1)
+        d = info(srv)
+        assert [l["name"] for l in d["layers"]] == ["stage0", "stage1", "stage2", "stage3", "final"]
+        assert d["complete"] and not d["live"]
+        fin = layer(srv, "final")
+        np.testing.assert_array_equal(fetch_level(srv, fin, fin["max_level"], "png"),
+                                      np.asarray(SlideStore.open(p).level_array(0)[:]))
     finally:
         srv.shutdown()
         srv.server_close()

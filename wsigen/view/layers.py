@@ -86,7 +86,7 @@ def _generation(path: Path) -> str:
     try:
         st = (path / "zarr.json").stat()
     except OSError:
-        return "0"
+        return "00000000"
     return f"{zlib.crc32(f'{st.st_ino}:{st.st_mtime_ns}'.encode()):08x}"
 
 

@@ -1,7 +1,7 @@
 """The viewer's HTTP server: a fixed set of routes on a bounded ``ThreadingHTTPServer``.
 
 What it lets out is only: the page and its two scripts, the vendored OpenSeadragon files, the
-whitelisted facts (``info.json``) and tiles ``tiles/{layer}/{gen}/{level}/{col}_{row}.{jpeg|png}``
+whitelisted facts (``info.json``) and tiles ``tiles/{layer}[/{gen}]/{level}/{col}_{row}.{jpeg|png}``
 within bounds. Everything else is 404, including any path with ``..``, ``%``, ``\\`` or ``//``
 (nothing is ever looked up on disk by a name from the request). GET and HEAD only; the Host
 header must name the bound address (a DNS-rebinding page cannot read the slide); no CORS headers.
@@ -22,7 +22,9 @@ from importlib import resources
 from .layers import Source
 from .tiles import LRU, OVERLAP, TILE, encode
 
-TILE_ROUTE = re.compile(r"/tiles/(final|image|stage\d{1,3})/([0-9a-f]{1,16})/(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
+# the generation may be left out (curl, scripts): then the layer as it is now, not cached by the browser
+TILE_ROUTE = re.compile(r"/tiles/(final|image|stage\d{1,3})/(?:([0-9a-f]{8})/)?"
+                        r"(\d{1,2})/(\d{1,7})_(\d{1,7})\.(jpeg|png)")
 TYPES = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
          "css": "text/css; charset=utf-8", "png": "image/png", "jpeg": "image/jpeg",
          "json": "application/json", "txt": "text/plain; charset=utf-8"}
@@ -210,14 +212,15 @@ class Handler(BaseHTTPRequestHandler):
         if data is None:
             self._send(404, b"not found\n", "txt", body)
             return
-        self._send(200, data, m.group(6), body, cache="private, max-age=86400, immutable")
+        self._send(200, data, m.group(6), body,
+                   cache="private, max-age=86400, immutable" if m.group(2) else "no-cache")
 
     def _tile(self, name, gen, level, col, row, fmt) -> bytes | None:
         srv = self.server
         layer = srv.source.snapshot().layers.get(name)
-        if layer is None or layer.gen != gen:  # perhaps it has just appeared: look again
+        if layer is None or gen not in (None, layer.gen):  # perhaps it has just appeared: look again
             layer = srv.source.snapshot(fresh=True).layers.get(name)
-        if layer is None or layer.gen != gen:
+        if layer is None or gen not in (None, layer.gen):
             return None
         key = (*layer.pyramid.key, int(level), int(col), int(row), fmt)
         cacheable = layer.pyramid.cache is not None
