@@ -5,7 +5,9 @@ H&E colours, written through ``SlideStore`` and finalized). The server runs in t
 its defaults; ``--clients`` threads fetch tiles over keep-alive HTTP connections, as a browser does
 (6 connections). Three workloads, each on a fresh server (cold caches):
 
-- ``full``: random distinct full-resolution tiles (a user panning at 100 %);
+- ``screen``: screens of 8 × 5 neighbouring full-resolution tiles at random places (a page
+  filling a 2048 × 1280 view at 100 %: neighbours share chunks);
+- ``full``: random distinct full-resolution tiles (no two share a chunk, the cache's worst case);
 - ``session``: a random zoom walk, every level weighted alike (what a page asks for);
 - ``warm``: the ``session`` tiles again (from the tile cache).
 
@@ -79,18 +81,31 @@ def tile_paths(lay: dict, fmt: str, n: int, rng: random.Random, levels: list[int
     return sorted(out, key=lambda _: rng.random())
 
 
+def screen_paths(lay: dict, fmt: str, n: int, rng: random.Random, cols: int = 8, rows: int = 5) -> list[str]:
+    """Whole screens (cols × rows tiles, ≈ 2048 × 1280 px) of full-resolution tiles at random places."""
+    top = lay["max_level"]
+    gc, gr = tiles.tile_grid(lay["width"], lay["height"], 0)
+    out: list[str] = []
+    while len(out) < n:
+        c0, r0 = rng.randrange(gc - cols), rng.randrange(gr - rows)
+        out += [f"/{lay['url']}/{top}/{c}_{r}.{fmt}" for r in range(r0, r0 + rows) for c in range(c0, c0 + cols)]
+    return out[:n]
+
+
 def run(store: Path, fmt: str, n: int, clients: int) -> dict:
     rng = random.Random(0)
     res = {}
-    for name in ("full", "session"):
+    for name in ("screen", "full", "session"):
         srv = start(store, port=0, tile_format=fmt)
         try:
             c = http.client.HTTPConnection("127.0.0.1", srv.port)
             c.request("GET", "/info.json")
             lay = {l["name"]: l for l in json.loads(c.getresponse().read())["layers"]}["final"]
             top = lay["max_level"]
-            levels = [top] if name == "full" else list(range(8, top + 1))
-            paths = tile_paths(lay, fmt, n, rng, levels)
+            if name == "screen":
+                paths = screen_paths(lay, fmt, n, rng)
+            else:
+                paths = tile_paths(lay, fmt, n, rng, [top] if name == "full" else list(range(8, top + 1)))
             res[name] = fetch_all(srv.port, paths, clients)
             if name == "session":
                 res["warm"] = fetch_all(srv.port, paths, clients)
@@ -118,7 +133,10 @@ def main() -> None:
     work = None
     try:
         if args.store:
+            from wsigen.slides.store import SlideStore
+
             store, built = args.store, {}
+            args.size = SlideStore.open(store).stages[-1]["width"]
         else:
             work = Path(tempfile.mkdtemp(prefix="wsigen-view-bench-"))
             store = work / "bench.zarr"

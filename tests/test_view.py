@@ -387,6 +387,13 @@ def test_the_store_is_never_written(tmp_path):
     assert {f: f.stat().st_mtime_ns for f in p.rglob("*")} == before  # no lock, no file, no touch
 
 
+def test_a_port_in_use_is_one_line_error(png_server, store_path):
+    from wsigen.errors import WsigenError
+
+    with pytest.raises(WsigenError, match=f"cannot listen on 127.0.0.1:{png_server.port}"):
+        start(store_path, port=png_server.port)
+
+
 def test_bad_slides_are_one_line_errors(tmp_path):
     from wsigen.errors import WsigenError
 
