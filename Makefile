@@ -12,6 +12,11 @@ install:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
+	@# Chromium for the headless browser test of `wsigen view` (skipped with a reason where absent);
+	@# never fatal: no apt, no root or no network just leaves it out.
+	-@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+		{ (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 || \
+		  echo "note: could not install chromium (apt-get failed); the browser test will be skipped"; }
 	$(BIN)/wsigen --help > /dev/null && echo "wsigen installed in $(VENV)"
 
 test:
