@@ -44,8 +44,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> readers.Sli
     if is_store(path):
         store = SlideStore.open(path)
         if not store.complete:
-            raise WsigenError(f"{path} is not complete (its pyramid is not built yet); finish it "
-                              f"with: wsigen sample --resume -o {path}")
+            raise WsigenError(f"{path} is not complete (its pyramid is not built yet): "
+                              f"{store.incomplete_note()}")
         s = StoreSlide(store)
         if mpp is not None:
             s.mpp = mpp

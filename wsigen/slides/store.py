@@ -25,7 +25,7 @@ from zarr.codecs import ZstdCodec
 from .. import faults
 from ..errors import WsigenError
 from ..version import __version__
-from . import pyramid
+from . import pyramid, storelock
 from .parallel import bounded_map, default_workers  # noqa: F401  (run.sampler imports both from here)
 from .pyramid import PYRAMID_MIN, downsample2, level_shapes  # noqa: F401  (the NGFF metadata names store.downsample2)
 
@@ -336,6 +336,23 @@ class SlideStore:
         for f in self.path.rglob("*.partial"):
             f.unlink(missing_ok=True)
 
+    def writer(self):
+        """The live writer of this store (``storelock.Holder``), or None: a probe, never a lock."""
+        return storelock.probe(self.path)
+
+    def resume_command(self) -> str:
+        inp = self.info.get("config", {}).get("input")
+        if isinstance(inp, dict) and inp.get("path"):
+            return f"wsigen upscale {inp['path']} --resume -o {self.path}"
+        return f"wsigen sample --resume -o {self.path}"
+
+    def incomplete_note(self) -> str:
+        """Why an incomplete store is so: "being written by PID@host since …" or "interrupted: …"."""
+        holder = self.writer()
+        if holder is not None:
+            return f"being written by {holder.describe()}"
+        return f"interrupted: resume with `{self.resume_command()}`"
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
@@ -351,6 +368,7 @@ class SlideStore:
                   for st in self.stages]
         model = i.get("model", {})
         done = i.get("complete", False)
+        holder = None if done else self.writer()
         return {
             "path": str(self.path), "complete": done, "synthetic": i.get("synthetic", True),
             "width": last["width"], "height": last["height"], "mpp": last["mpp"],
@@ -361,7 +379,9 @@ class SlideStore:
             "steps": cfg.get("steps"), "guided_steps": cfg.get("guided_steps"),
             "stages": stages, "stages_complete": i.get("stages_complete", []),
             "state": i.get("state"), "stages_dropped": dropped,
-            "resume": None if done else f"wsigen sample --resume -o {self.path}",
+            "resume": None if done or holder else self.resume_command(),
+            "writer": holder.describe() if holder else None,
+            "batch_changes": cfg.get("batch_changes", []),
             "disk_bytes": self.disk_bytes(),
         }
 
