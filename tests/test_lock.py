@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from clitools import invoke
+from test_resume import ARGS, assert_same_store
 
 from wsigen.errors import WsigenError
 from wsigen.slides import storelock
-
-from test_resume import ARGS, assert_same_store
 
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path):

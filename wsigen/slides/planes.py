@@ -92,7 +92,7 @@ def plane_axis(what: str, axes: str, shape: tuple[int, ...], extrasamples=(),
                               "can be read as RGB: pick one with --page N or three with --channels i,j,k "
                               "(or convert it first)")
         return None
-    if s < 0 or ns == 1:
+    if plain:  # one grey or RGB(A) plane: only --page 0 fits it
         if planes.indices() != (0,):
             raise WsigenError(f"{what} has one plane ({desc}); {planes.flag()} picks planes it does not have")
         return None
