@@ -26,7 +26,8 @@ def planes_of(n: int, dtype=np.uint8, h: int = 24, w: int = 32) -> np.ndarray:
 def test_five_pages_refused_with_shape_and_axes(tmp_path):
     p = tmp_path / "five.tif"
     tifffile.imwrite(p, np.zeros((5, 128, 128), np.uint8))  # the example: five pages
-    with pytest.raises(WsigenError, match=r"5 planes along axis Q \(shape \(5, 128, 128\), axes QYX\).*--page N.*--channels"):
+    want = r"5 planes along axis Q \(shape \(5, 128, 128\), axes QYX\).*--page N.*--channels"
+    with pytest.raises(WsigenError, match=want):
         readers.open_image(p, mpp=2)
 
 

@@ -208,10 +208,17 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
 
 
 def _complete_stage(store: SlideStore, l: int, topo: Topology) -> None:
-    """Every rank has written all of stage l: record it and drop its checkpoint."""
+    """Every rank has written all of stage l: record it and drop its checkpoint.
+
+    Each rank forces its own chunks to disk first; rank 0 then the folders and the mark.
+    """
+    arr = store.stage_array(l)
+    a, b = topo.stage_rows(arr.shape[1], arr.chunks[1])
+    c = arr.chunks[1]
+    store.sync_rows(store.stage_name(l), range(a // c, -(-b // c)))
     topo.barrier()
     if topo.rank == 0:
-        store.mark_stage_complete(l)
+        store.mark_stage_complete(l, rows_synced=True)
         st = store.state_info()
         if st and st["stage"] <= l:
             store.drop_state()

@@ -120,7 +120,7 @@ def _create(spec: RunSpec, cfg: SlideConfig, lm, plans, topo) -> SlideStore:
     store = None
     if topo.rank == 0:
         store = SlideStore.create(spec.output, stages=stages, final=(cfg.height, cfg.width), info=info,
-                                  overwrite=spec.overwrite)
+                                  overwrite=spec.overwrite, fsync=spec.fsync)
     topo.barrier()
     return store if store is not None else SlideStore.open(spec.output, mode="r+")
 
@@ -160,11 +160,15 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
         log(f"state band in {'GPU' if where == 'cuda' else 'host'} memory (--state-device {spec.state_device})")
     if store is None:
         store = _create(spec, cfg, lm, plans, topo)
+    store.fsync = spec.fsync
+    if spec.resume and topo.rank == 0:
+        store.trust_marks(log)  # a mark counts only where the chunks it covers exist
     if cfg.source is not None and topo.rank == 0 and not store.stage_complete(0):
         source.write_input(store, cfg.source)
     topo.barrier()
     if cfg.source is not None and topo.rank != 0:
         store = SlideStore.open(spec.output, mode="r+")  # zarr caches attributes: see stage 0 as complete
+        store.fsync = spec.fsync
     stats = sampler.run(store, lm, plans, settings, cfg.seed, dev, (cfg.height, cfg.width),
                         topo=topo, progress=progress, checkpoint_every=checkpoint_every,
                         state_device=dev if where == "cuda" else "cpu")
