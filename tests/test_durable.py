@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from clitools import invoke
+from test_resume import ARGS, assert_same_store, killed
 
 from wsigen.slides import durable
 from wsigen.slides.store import SlideStore
-
-from test_resume import ARGS, assert_same_store, killed
 
 
 @pytest.fixture(scope="module")
