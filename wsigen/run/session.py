@@ -19,7 +19,7 @@ from ..method import planning, stages
 from ..slides import checkpoint
 from ..slides.store import SlideStore
 from ..version import __version__
-from . import accel, preflight, sampler, source
+from . import accel, oom, preflight, sampler, source
 from .config import RunSpec, SlideConfig, check_mpp_range
 from .devices import resolve_device
 
@@ -42,11 +42,14 @@ def merge_resume(stored: dict, spec: RunSpec, dev: torch.device) -> SlideConfig:
     request = spec.request
     if dev.type != "cpu":
         request = replace(request, threads=None)
+    batch = request.batch  # --resume --batch B: allowed (recorded by oom.record_batch_change)
+    request = replace(request, batch=None)
     conflicts = request.conflicts_with(stored)
     if conflicts:
         raise UsageError("--resume: options conflict with the store's configuration: " + "; ".join(conflicts)
                          + " — drop them to continue with the stored ones")
-    return SlideConfig.from_store(stored)
+    cfg = SlideConfig.from_store(stored)
+    return cfg if batch is None else replace(cfg, batch=batch)
 
 
 def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Settings, world: int) -> str:
@@ -163,6 +166,7 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
     store.fsync = spec.fsync
     if spec.resume and topo.rank == 0:
         store.trust_marks(log)  # a mark counts only where the chunks it covers exist
+        oom.record_batch_change(store, cfg.batch, log)
     if cfg.source is not None and topo.rank == 0 and not store.stage_complete(0):
         source.write_input(store, cfg.source)
     topo.barrier()

@@ -158,6 +158,7 @@ def write_input(store, source: Source) -> None:
         _write_in_new_process(store.path, source.describe())
     else:
         _write_bands(store, source.describe())
+    store.sync_rows(store.stage_name(0))  # the input's chunks on disk before the mark
     store.mark_stage_complete(0)
 
 

@@ -299,16 +299,14 @@ class SlideStore:
     def stage_complete(self, l: int) -> bool:
         return l in self.info["stages_complete"]
 
-    def mark_stage_complete(self, l: int, rows_synced: bool = False) -> None:
-        """Record stage ``l`` as complete: only once every chunk exists and is on disk (fsync:
-        its chunks, unless each writer ``sync_rows``-ed its own, then the folders, then the mark)."""
+    def mark_stage_complete(self, l: int) -> None:
+        """Record stage ``l`` as complete: only once every chunk exists and is on disk. Each writer
+        has ``sync_rows``-ed the chunks it wrote before; here the folders, then the mark."""
         name = self.stage_name(l)
         gaps = self.missing_chunks(name)
         if gaps:
             raise WsigenError(f"{self.path}: {gaps} chunks of stage {l} are missing after writing it; "
                               "the store is damaged")
-        if not rows_synced:
-            self.sync_rows(name)
         self.sync_dirs(name)
         done = sorted(set(self.info["stages_complete"]) | {l})
         self.update_info(stages_complete=done)
