@@ -8,12 +8,11 @@ from dataclasses import replace
 
 import torch
 from clitools import invoke, wsigen
+from test_resume import ARGS, assert_same_store, killed
 
 from wsigen import faults
 from wsigen.slides import checkpoint
 from wsigen.slides.store import SlideStore
-
-from test_resume import ARGS, assert_same_store, killed
 
 
 class Flaky(torch.nn.Module):
@@ -57,7 +56,8 @@ def test_injected_oom_leaves_a_resumable_store(tmp_path, tiny_model, monkeypatch
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and "L = 3" in lines[0], r.stderr  # the plan line, then the error
     assert ("out of GPU memory in stage 2 at step 3 of 4 with --batch 4; the store is resumable from its "
-            f"checkpoint after step 2: continue with a smaller batch: wsigen sample --resume -o {out} --batch 2") in lines[-1]
+            "checkpoint after step 2: continue with a smaller batch: "
+            f"wsigen sample --resume -o {out} --batch 2") in lines[-1]
     s = SlideStore.open(out)
     assert not s.complete and s.state_info() == {"stage": 2, "step": 2}
     assert s.info["stages_complete"] == [0, 1]

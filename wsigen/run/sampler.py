@@ -164,7 +164,7 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
             steps_done = [start]
             saved = [start]  # the step of this stage's last checkpoint (0: none)
 
-            def on_step(step: int, band: Band, ctx=ctx) -> Band:
+            def on_step(step: int, band: Band, ctx=ctx, steps_done=steps_done, saved=saved) -> Band:
                 n = step + 1
                 steps_done[0] = n
                 settle(wait=False)
