@@ -143,3 +143,41 @@ def test_interrupted_store_says_how_to_resume(tmp_path, tiny_model):
     r = invoke("export", out, "-o", tmp_path / "x.tif")
     assert r.exit_code == 1 and f"interrupted: resume with `wsigen sample --resume -o {out}`" in r.stderr
     assert invoke("sample", "--resume", "-o", out).exit_code == 0
+
+
+def _stopped_child(parent: int, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    stat = (d / "stat").read_text().split(")")[-1].split()
+                except OSError:
+                    continue
+                if stat[0] == "T" and int(stat[1]) == parent:
+                    return int(d.name)
+        time.sleep(0.2)
+    raise AssertionError("no worker reached its stop point")
+
+
+@pytest.mark.slow
+def test_forked_workers_hold_the_launchers_lock(tmp_path, tiny_model):
+    """``--workers 2``: the launcher takes the lock, the ranks inherit it; a resume beside them is
+    refused naming the launcher."""
+    out = tmp_path / "w.zarr"
+    env_fault = {"WSIGEN_FAULT_RANK": "1"}
+    os.environ.update(env_fault)
+    try:
+        launcher = _wsigen("sample", "--model", tiny_model, *ARGS, "-o", out, "--workers", "2",
+                           fault="step:6:STOP")
+    finally:
+        os.environ.pop("WSIGEN_FAULT_RANK")
+    try:
+        rank1 = _stopped_child(launcher.pid)
+        r = invoke("sample", "--resume", "-o", out)
+        assert r.exit_code == 1 and f"being written by PID {launcher.pid}@" in r.stderr, r.stderr
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+        _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err
+    assert storelock.probe(out) is None
