@@ -152,3 +152,17 @@ def test_train_and_evaluate_refuse_extra_planes(tmp_path):
         open_slide(p)
     r = invoke("evaluate", p, "--json")
     assert r.exit_code == 1 and "6 planes along axis Q" in r.stderr
+
+
+def test_evaluate_and_train_take_the_pick(tmp_path):
+    from wsigen.judge.evaluate import Options, _open_all
+    from wsigen.training.data import load_slides
+
+    a = planes_of(6, h=64, w=64)
+    p = tmp_path / "z.tif"
+    tifffile.imwrite(p, a, **RES)
+    (s,) = _open_all([p], "reference", Planes.of(channels="5,0,1"))
+    np.testing.assert_array_equal(s.read_region(0, 0, 64, 64), a[[5, 0, 1]].transpose(1, 2, 0))
+    (d,) = load_slides([p], planes=Planes.of(page=4))
+    np.testing.assert_array_equal(d.slide.read_region(0, 0, 8, 8)[:, :, 0], a[4, :8, :8])
+    assert Options(planes=Planes.of(page=1)).planes.page == 1
