@@ -181,3 +181,18 @@ def test_forked_workers_hold_the_launchers_lock(tmp_path, tiny_model):
         _, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err
     assert storelock.probe(out) is None
+
+
+def test_one_lock_for_every_spelling_of_a_path_and_new_folders(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with storelock.acquire(tmp_path / "real" / "s.zarr"):
+        with pytest.raises(WsigenError, match="being written by"):
+            storelock.acquire(tmp_path / "link" / "s.zarr")
+        monkeypatch.chdir(tmp_path / "real")
+        with pytest.raises(WsigenError, match="being written by"):
+            storelock.acquire("s.zarr")
+    storelock.acquire(tmp_path / "new" / "sub" / "s.zarr").release()  # folders made as the store would
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WsigenError, match="is not a directory"):
+        storelock.acquire(tmp_path / "file" / "s.zarr")

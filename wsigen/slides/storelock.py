@@ -34,9 +34,10 @@ RETRY_S = 0.5  # a reader's probe holds a shared lock for microseconds: a writer
 
 
 def lock_path(store: str | os.PathLike) -> Path:
-    """``slide.zarr`` → ``slide.zarr.lock`` (beside the store)."""
+    """``slide.zarr`` → ``slide.zarr.lock`` (beside the store; the folder's real path, so every
+    spelling of one store's path names one lock)."""
     p = Path(os.path.abspath(store))
-    return p.with_name(p.name + ".lock")
+    return Path(os.path.realpath(p.parent)) / (p.name + ".lock")
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,10 @@ def acquire(store: str | os.PathLike, command: str = "wsigen", enabled: bool = T
     path = lock_path(store)
     if not enabled:
         return StoreLock(path, None)
-    if not path.parent.is_dir():
-        raise WsigenError(f"cannot create {store}: {path.parent} is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # the store's folder would be created anyway
+    except (FileExistsError, NotADirectoryError):
+        raise WsigenError(f"cannot create {store}: {path.parent} is not a directory") from None
     deadline = time.monotonic() + RETRY_S
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
