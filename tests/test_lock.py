@@ -196,3 +196,21 @@ def test_one_lock_for_every_spelling_of_a_path_and_new_folders(tmp_path, monkeyp
     (tmp_path / "file").write_text("x")
     with pytest.raises(WsigenError, match="is not a directory"):
         storelock.acquire(tmp_path / "file" / "s.zarr")
+
+
+def test_upscale_is_refused_beside_a_writer_and_writes_nothing(tmp_path):
+    import numpy as np
+    import tifffile
+
+    inp = tmp_path / "in.tif"
+    tifffile.imwrite(inp, np.full((16, 16, 3), 200, np.uint8), photometric="rgb")
+    out = tmp_path / "u.zarr"
+    common = ["--mpp", "2", "--factor", "2", "--model", "gaussian", "--patch", "16", "--steps", "2",
+              "--device", "cpu"]
+    with storelock.acquire(out, command="wsigen upscale"):
+        for extra in ([], ["--overwrite"]):
+            r = invoke("upscale", inp, "-o", out, *common, *extra)
+            assert r.exit_code == 1 and f"being written by PID {os.getpid()}@" in r.stderr, r.stderr
+        assert not out.exists()
+    assert invoke("upscale", inp, "-o", out, *common).exit_code == 0
+    assert not (tmp_path / "u.zarr.lock").exists()
