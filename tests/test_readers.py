@@ -150,7 +150,9 @@ def test_ome_tiff_pyramid(tmp_path):
             },
         )
         tw.write(a[:, ::2, ::2], subfiletype=1, tile=(64, 64))
-    s = readers.open_image(p)
+    with pytest.raises(WsigenError, match=r"3 planes along axis C \(shape \(3, 256, 320\), axes CYX\)"):
+        readers.open_image(p)  # channels stored as pages: which are R, G, B is the user's to say
+    s = readers.open_image(p, planes=readers.Planes(channels=(0, 1, 2)))
     assert isinstance(s, readers.TiffSlide)
     assert s.mpp == pytest.approx(0.8)
     assert s.levels == [(320, 256, 1.0), (160, 128, 2.0)]

@@ -14,7 +14,7 @@ from .slides.exporting import export  # noqa: F401  (re-exported: wsigen.export)
 from .slides.store import info  # noqa: F401  (re-exported: wsigen.info)
 
 # RunSpec fields a caller may give beside the request (the slide's own options)
-_RUN_OPTIONS = ("state_device", "allow_extrapolation", "drop_stages", "checkpoint_every")
+_RUN_OPTIONS = ("state_device", "allow_extrapolation", "drop_stages", "checkpoint_every", "lock", "fsync")
 
 
 def run_spec(out, size=None, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
@@ -36,7 +36,7 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
            overwrite: bool = False, resume: bool = False, allow_extrapolation: bool = False,
            drop_stages: bool = False, checkpoint_every: int | None = None, workers: int | None = None,
            gpus: int | None = None, count: int | None = None, split: str = "auto", progress=None,
-           topology=None, log=None) -> dict | None:
+           topology=None, log=None, lock: bool = True, fsync: bool = True) -> dict | None:
     """Sample one synthetic slide (or ``count`` slides) into the zarr store ``out``; returns a summary.
 
     ``workers``/``gpus`` spread it over processes (the same bytes for any number); ``topology`` runs
@@ -49,11 +49,14 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
                     compile=compile, grid_shift=grid_shift, skip_background=skip_background,
                     background_tolerance=background_tolerance, threads=threads, state_device=state_device,
                     allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
-                    checkpoint_every=checkpoint_every)
+                    checkpoint_every=checkpoint_every, lock=lock, fsync=fsync)
     if topology is not None:
-        from .run import session
+        from .run import launch, session
 
-        return session.sample(spec, progress=progress, topology=topology, log=log)
+        if topology.rank != 0:
+            return session.sample(spec, progress=progress, topology=topology, log=log)
+        with launch.writer_lock(spec):
+            return session.sample(spec, progress=progress, topology=topology, log=log)
     from .run import launch
 
     job = launch.make_job(spec, workers=workers, gpus=gpus, count=count, split=split, progress=progress,
@@ -64,21 +67,27 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
 def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | None = None,
             target_mpp: float | None = None, mpp: float | None = None, region=None, level: int = 0,
             resume: bool = False, overwrite: bool = False, workers: int | None = None,
-            gpus: int | None = None, device: str = "auto", progress=None, log=None, **options) -> dict | None:
+            gpus: int | None = None, device: str = "auto", progress=None, log=None,
+            page: int | None = None, channels=None, **options) -> dict | None:
     """Add detail to an existing image stage by stage; writes the same store as ``sample``.
 
     ``options`` are ``sample``'s slide options (model, seed, steps, …). ``workers``/``gpus``/``device``
     spread the guided stages over processes as in ``sample`` (the same bytes for any number). Returns
-    the summary (None on ranks other than 0 of an externally launched job).
+    the summary (None on ranks other than 0 of an externally launched job). ``page`` or ``channels``
+    (i, j, k) pick the plane(s) of an input with several (pages, Z, T, channels as pages).
     """
     from .run import launch, source
+    from .slides.planes import Planes
+
+    planes = Planes.of(page, channels)
 
     spec = run_spec(out, device=device, resume=resume, overwrite=overwrite, **options)
     job = launch.make_job(spec, workers=workers, gpus=gpus, progress=progress, log=log,
                           command=f"wsigen upscale {input}")
     if not resume:
         src = source.open_source(input, mpp=mpp, level=level,
-                                 region=source.parse_region(region) if isinstance(region, str) else region)
+                                 region=source.parse_region(region) if isinstance(region, str) else region,
+                                 planes=planes)
         # the model's k from its config: no torch work in a process that forks workers
         k = model_config(spec.request.model, spec.request.patch)["k"]
         L = source.factor_from(src, k, factor, target_mpp)

@@ -126,6 +126,8 @@ def sample(
     drop_stages: Annotated[bool, typer.Option(help="Remove the intermediate stages at the end.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output store.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted store with its stored configuration.")] = False,
+    no_lock: Annotated[bool, typer.Option("--no-lock", help="Take no lock beside the store (only where the filesystem refuses locks and nothing else writes it).")] = False,
+    no_fsync: Annotated[bool, typer.Option("--no-fsync", help="Do not force chunks and marks to disk (scratch runs: a power loss may lose a marked stage).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Sample a synthetic slide into a zarr (OME-NGFF) store."""
@@ -140,7 +142,8 @@ def sample(
                    skip_background=None if skip_background else False,
                    background_tolerance=background_tolerance, overwrite=overwrite,
                    resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
-                   checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None)
+                   checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None,
+                   lock=not no_lock, fsync=not no_fsync)
     if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
         return
     if "manifest" in s:

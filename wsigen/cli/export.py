@@ -25,7 +25,8 @@ def info_lines(d: dict) -> list[str]:
     lines = [
         f"store      {d['path']}",
         f"status     {'complete' if d['complete'] else 'INCOMPLETE'}"
-        + ("" if d["complete"] else f" ({len(done)} of {len(d['stages'])} stages done)"),
+        + ("" if d["complete"] else f" ({len(done)} of {len(d['stages'])} stages done"
+           + (f"; being written by {d['writer']})" if d.get("writer") else "; interrupted)")),
         f"size       {d['width']}x{d['height']} px at {d['mpp']:g} µm/px "
         f"({d['width'] * d['mpp'] / 1000:.2f} x {d['height'] * d['mpp'] / 1000:.2f} mm), synthetic",
         f"model      {d['model']} (sha256 {d['model_sha256']})",
@@ -35,6 +36,9 @@ def info_lines(d: dict) -> list[str]:
     ]
     if d["state"]:
         lines.append(f"state      stage {d['state']['stage']} saved after step {d['state']['step']}")
+    for c in d.get("batch_changes") or []:
+        lines.append(f"batch      {c['old']} → {c['new']} from stage {c['stage']} step {c['step']} "
+                     f"(--resume --batch {c['new']})")
     lines.append(f"disk       {_size(d['disk_bytes'])}")
     lines.append(f"written by wsigen {d['version']}, torch {d['torch_version']}")
     if d["resume"]:

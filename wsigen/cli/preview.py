@@ -207,16 +207,20 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu, cuda or auto (feature network).")] = "auto",
         batch: Annotated[int, typer.Option(help="Patches per forward pass.", min=1)] = 16,
         output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder for report.json and the closest-pairs images.")] = None,
+        page: Annotated[int | None, typer.Option(help="Read this one plane (page, Z, T or channel) of image inputs with several.", min=0)] = None,
+        channels: Annotated[str | None, typer.Option(help="i,j,k: read these three planes of image inputs as R, G, B.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     ):
         """Quality and privacy of a generated slide: seams, guide, colour, FID/KID/precision/recall, memorisation."""
         from ..judge.evaluate import Options
         from ..judge.evaluate import evaluate as run
+        from ..slides.planes import Planes
 
         opts = Options(mpps=_floats(mpp, "--mpp"), patch_size=patch_size, patches=patches,
                        training_patches=training_patches, seed=seed, device=device, batch=batch,
                        features=str(features) if features else None, features_arch=features_arch,
-                       features_size=features_size, output_dir=str(output) if output else None)
+                       features_size=features_size, output_dir=str(output) if output else None,
+                       planes=Planes.of(page, channels))
         bar, update = _progress()
         try:
             if bar:

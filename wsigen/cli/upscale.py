@@ -45,6 +45,10 @@ def register(app: typer.Typer) -> None:
         allow_extrapolation: Annotated[bool, typer.Option(help="Allow µm/px outside the model's range.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
         resume: Annotated[bool, typer.Option(help="Continue an interrupted store.")] = False,
+        page: Annotated[int | None, typer.Option(help="Read this one plane (page, Z, T or channel) of an input with several.", min=0)] = None,
+        channels: Annotated[str | None, typer.Option(help="i,j,k: read these three planes of an input's channel axis (or pages) as R, G, B.")] = None,
+        no_lock: Annotated[bool, typer.Option("--no-lock", help="Take no lock beside the store (only where the filesystem refuses locks).")] = False,
+        no_fsync: Annotated[bool, typer.Option("--no-fsync", help="Do not force chunks and marks to disk (scratch runs).")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ):
         """Super-resolve an image or a slide region into a zarr (OME-NGFF) store."""
@@ -58,7 +62,8 @@ def register(app: typer.Typer) -> None:
                         precision=precision, state_dtype=state_dtype, channels_last=channels_last,
                         compile=compile or None,
                         workers=workers, gpus=gpus, allow_extrapolation=allow_extrapolation,
-                        overwrite=overwrite, resume=resume, progress=bar,
+                        overwrite=overwrite, resume=resume, progress=bar, page=page, channels=channels,
+                        lock=not no_lock, fsync=not no_fsync,
                         log=None if as_json else err)
         if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
             return

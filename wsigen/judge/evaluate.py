@@ -46,10 +46,10 @@ def expand(paths) -> list[Path]:
     return out
 
 
-def _open_all(paths, role: str) -> list[readers.Slide]:
+def _open_all(paths, role: str, planes=None) -> list[readers.Slide]:
     slides = []
     for p in expand(paths):
-        s = open_slide(p)
+        s = open_slide(p, planes=planes)
         if s.mpp is None:
             s.close()
             raise WsigenError(f"{role} slide {p} does not record its µm/px; patches are compared at "
@@ -84,11 +84,11 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
     if o.output_dir:
         Path(o.output_dir).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as opened:
-        slide = opened.enter_context(open_slide(path))
+        slide = opened.enter_context(open_slide(path, planes=o.planes))
         if slide.mpp is None:
             raise WsigenError(f"{path} does not record its µm/px; evaluation needs it")
-        refs = [opened.enter_context(s) for s in _open_all(reference, "reference")]
-        trains = [opened.enter_context(s) for s in _open_all(training, "training")]
+        refs = [opened.enter_context(s) for s in _open_all(reference, "reference", o.planes)]
+        trains = [opened.enter_context(s) for s in _open_all(training, "training", o.planes)]
         report = clean(_report(slide, refs, trains, o, progress))
     if o.output_dir:
         (Path(o.output_dir) / "report.json").write_text(json.dumps(report, indent=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..slides.planes import Planes
+
 
 @dataclass
 class Options:
@@ -22,3 +24,4 @@ class Options:
     stage_max_pixels: int = 2**26  # per stage for seams/guide; bigger stages are sampled in bands
     min_tissue: float = 0.5
     output_dir: str | None = None  # report.json and closest-pairs images
+    planes: Planes | None = None  # --page/--channels: the plane(s) of image inputs with several

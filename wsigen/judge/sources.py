@@ -39,18 +39,19 @@ class StoreSlide(readers.Slide):
         return np.ascontiguousarray(chw.transpose(1, 2, 0))
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None) -> readers.Slide:
-    """A wsigen store or an image file; ``mpp`` overrides (or supplies) the µm/px."""
+def open_slide(path: str | os.PathLike, mpp: float | None = None, planes=None) -> readers.Slide:
+    """A wsigen store or an image file; ``mpp`` overrides (or supplies) the µm/px; ``planes``
+    (``slides.planes.Planes``) picks the plane(s) of an image with several."""
     if is_store(path):
         store = SlideStore.open(path)
         if not store.complete:
-            raise WsigenError(f"{path} is not complete (its pyramid is not built yet); finish it "
-                              f"with: wsigen sample --resume -o {path}")
+            raise WsigenError(f"{path} is not complete (its pyramid is not built yet): "
+                              f"{store.incomplete_note()}")
         s = StoreSlide(store)
         if mpp is not None:
             s.mpp = mpp
         return s
-    return readers.open_image(path, mpp=mpp, require_mpp=False)
+    return readers.open_image(path, mpp=mpp, require_mpp=False, planes=planes)
 
 
 def describe(slide: readers.Slide) -> dict:

@@ -249,6 +249,8 @@ class RunSpec:
     checkpoint_every: int | None = None
     source: Source | None = None  # upscale: the input region (stage 0) and how many stages follow
     upscale_stages: int | None = None
+    lock: bool = True  # --no-lock: no exclusive lock beside the store (filesystems without locks)
+    fsync: bool = True  # --no-fsync: marks and chunks are not forced to disk (scratch runs)
 
     def validate(self) -> RunSpec:
         if self.device not in DEVICES:

@@ -105,6 +105,7 @@ def _precheck(spec: RunSpec, count: int | None) -> None:
     from ..slides import checkpoint
 
     spec.validate()
+    writer_busy(spec)  # "being written by PID@host" rather than "exists" or anything else
     name = spec.request.model
     if name is not None and name not in checkpoint.BUILTIN and not spec.resume:
         checkpoint.read_config(checkpoint.resolve_model_path(name))
@@ -116,6 +117,17 @@ def _precheck(spec: RunSpec, count: int | None) -> None:
                           f"to continue it")
     if count is not None and count < 1:
         raise UsageError(f"--count must be at least 1 (got {count})")
+
+
+def writer_busy(spec: RunSpec) -> None:
+    """A live writer of the output, named, before anything else is said about the store."""
+    from ..slides import storelock
+
+    holder = storelock.probe(spec.output) if spec.lock else None
+    if holder is not None:
+        raise WsigenError(f"{spec.output} is being written by {holder.describe()}"
+                          + (f" ({holder.command})" if holder.command else "")
+                          + "; wait for it to finish or stop it first")
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -147,12 +159,26 @@ def make_job(spec: RunSpec, *, workers: int | None = None, gpus: int | None = No
 
 
 def run_job(job: Job) -> dict | None:
-    """Run a job from ``make_job``: in this process, in forked workers, or as one joined rank."""
-    if job.joined:
+    """Run a job from ``make_job``: in this process, in forked workers, or as one joined rank.
+
+    The store's lock (``slides.storelock``) is taken here, before anything is prepared or deleted,
+    by this process (forked ranks inherit it) or, under an external launcher, by rank 0.
+    """
+    if job.joined and os.environ.get("RANK", "0") != "0":
         return _rank_main(job, joined=True)
-    if job.nprocs == 1:
-        return _single(job)
-    return _spawn(job)
+    with writer_lock(job.spec, job.command):
+        if job.joined:
+            return _rank_main(job, joined=True)
+        if job.nprocs == 1:
+            return _single(job)
+        return _spawn(job)
+
+
+def writer_lock(spec: RunSpec, command: str = "wsigen sample"):
+    """The exclusive lock beside ``spec.output`` (none with ``--no-lock``); refuses a second writer."""
+    from ..slides import storelock
+
+    return storelock.acquire(spec.output, command=command, enabled=spec.lock)
 
 
 def _single(job: Job) -> dict:

@@ -22,6 +22,7 @@ from ..method.stages import Settings, StageContext, StagePlan, stage_patch_count
 from ..slides.checkpoint import LoadedModel
 from ..slides.store import SlideStore
 from . import stopping
+from .oom import OutOfMemoryStop
 from .stageio import (
     WriteBehind,
     fill_noise,
@@ -160,12 +161,17 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
                 progress.stage(ctx.stage, L + 1, step, settings.steps)
                 progress.advance(n)  # this rank's patches; a distributed Progress adds up all ranks
 
-            def on_step(step: int, band: Band, ctx=ctx) -> Band:
+            steps_done = [start]
+            saved = [start]  # the step of this stage's last checkpoint (0: none)
+
+            def on_step(step: int, band: Band, ctx=ctx, steps_done=steps_done, saved=saved) -> Band:
                 n = step + 1
+                steps_done[0] = n
                 settle(wait=False)
                 if checkpoint_every and n % checkpoint_every == 0 and n < settings.steps:
                     settle()  # the last stage is complete before a checkpoint of this one
                     band = save_state(store, ctx, band, n, topo)
+                    saved[0] = n
                 faults.point("step", ctx.stage, step)
                 stop = should_stop() or stopping.pending() is not None
                 if topo.world > 1:
@@ -177,9 +183,17 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
                     stopping.stop_now()
                 return band
 
-            with stopping.graceful():
-                band = diffuse(ctx, band, guide, start_step=start, pick_rows=topo.pick_rows,
-                               regroup=topo.regroup, on_patches=on_patches, on_step=on_step)
+            try:
+                with stopping.graceful():
+                    band = diffuse(ctx, band, guide, start_step=start, pick_rows=topo.pick_rows,
+                                   regroup=topo.regroup, on_patches=on_patches, on_step=on_step)
+            except torch.OutOfMemoryError:
+                # Patches went back into the band in place: it is half one step, half the next and
+                # is never saved. The store still holds the last checkpoint (or the stage start).
+                del band
+                settle()  # the stage written behind is complete: the resume starts at this one
+                raise OutOfMemoryStop(l, steps_done[0], settings.steps, settings.batch, saved[0],
+                                      store.resume_command()) from None
             settle()  # the last stage's writes end before this stage's begin
             guide = carried = None
             if behind and big and l < L:
@@ -208,7 +222,14 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
 
 
 def _complete_stage(store: SlideStore, l: int, topo: Topology) -> None:
-    """Every rank has written all of stage l: record it and drop its checkpoint."""
+    """Every rank has written all of stage l: record it and drop its checkpoint.
+
+    Each rank forces its own chunks to disk first; rank 0 then the folders and the mark.
+    """
+    arr = store.stage_array(l)
+    a, b = topo.stage_rows(arr.shape[1], arr.chunks[1])
+    c = arr.chunks[1]
+    store.sync_rows(store.stage_name(l), range(a // c, -(-b // c)))
     topo.barrier()
     if topo.rank == 0:
         store.mark_stage_complete(l)

@@ -19,7 +19,7 @@ from ..method import planning, stages
 from ..slides import checkpoint
 from ..slides.store import SlideStore
 from ..version import __version__
-from . import accel, preflight, sampler, source
+from . import accel, oom, preflight, sampler, source
 from .config import RunSpec, SlideConfig, check_mpp_range
 from .devices import resolve_device
 
@@ -42,11 +42,14 @@ def merge_resume(stored: dict, spec: RunSpec, dev: torch.device) -> SlideConfig:
     request = spec.request
     if dev.type != "cpu":
         request = replace(request, threads=None)
+    batch = request.batch  # --resume --batch B: allowed (recorded by oom.record_batch_change)
+    request = replace(request, batch=None)
     conflicts = request.conflicts_with(stored)
     if conflicts:
         raise UsageError("--resume: options conflict with the store's configuration: " + "; ".join(conflicts)
                          + " — drop them to continue with the stored ones")
-    return SlideConfig.from_store(stored)
+    cfg = SlideConfig.from_store(stored)
+    return cfg if batch is None else replace(cfg, batch=batch)
 
 
 def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Settings, world: int) -> str:
@@ -120,7 +123,7 @@ def _create(spec: RunSpec, cfg: SlideConfig, lm, plans, topo) -> SlideStore:
     store = None
     if topo.rank == 0:
         store = SlideStore.create(spec.output, stages=stages, final=(cfg.height, cfg.width), info=info,
-                                  overwrite=spec.overwrite)
+                                  overwrite=spec.overwrite, fsync=spec.fsync)
     topo.barrier()
     return store if store is not None else SlideStore.open(spec.output, mode="r+")
 
@@ -160,11 +163,16 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
         log(f"state band in {'GPU' if where == 'cuda' else 'host'} memory (--state-device {spec.state_device})")
     if store is None:
         store = _create(spec, cfg, lm, plans, topo)
+    store.fsync = spec.fsync
+    if spec.resume and topo.rank == 0:
+        store.trust_marks(log)  # a mark counts only where the chunks it covers exist
+        oom.record_batch_change(store, cfg.batch, log)
     if cfg.source is not None and topo.rank == 0 and not store.stage_complete(0):
         source.write_input(store, cfg.source)
     topo.barrier()
     if cfg.source is not None and topo.rank != 0:
         store = SlideStore.open(spec.output, mode="r+")  # zarr caches attributes: see stage 0 as complete
+        store.fsync = spec.fsync
     stats = sampler.run(store, lm, plans, settings, cfg.seed, dev, (cfg.height, cfg.width),
                         topo=topo, progress=progress, checkpoint_every=checkpoint_every,
                         state_device=dev if where == "cuda" else "cpu")

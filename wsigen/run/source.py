@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UsageError, WsigenError
+from ..slides.planes import Planes
 
 if TYPE_CHECKING:
     from ..method.stages import StagePlan
@@ -35,17 +36,22 @@ class Source:
     mpp: float
     sha256: str
     mpp_given: float | None = None
+    planes: Planes | None = None  # --page / --channels of an input with several planes
 
     def describe(self) -> dict:
-        return {"file": self.path.name, "path": str(self.path.absolute()), "sha256": self.sha256,
-                "region": list(self.region), "level": self.level, "width": self.width,
-                "height": self.height, "mpp": self.mpp, "mpp_given": self.mpp_given}
+        d = {"file": self.path.name, "path": str(self.path.absolute()), "sha256": self.sha256,
+             "region": list(self.region), "level": self.level, "width": self.width,
+             "height": self.height, "mpp": self.mpp, "mpp_given": self.mpp_given}
+        if self.planes is not None:  # absent otherwise: the record stays as before
+            d["planes"] = self.planes.describe()
+        return d
 
     @classmethod
     def from_record(cls, d: dict) -> Source:
         """The inverse of ``describe`` (a store's ``config.input``)."""
+        planes = Planes.from_record(d["planes"]) if d.get("planes") else None
         return cls(Path(d["path"]), tuple(d["region"]), d["level"], d["width"], d["height"], d["mpp"],
-                   d["sha256"], d.get("mpp_given"))
+                   d["sha256"], d.get("mpp_given"), planes)
 
 
 def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
@@ -60,12 +66,13 @@ def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
-def open_source(path, mpp: float | None = None, region=None, level: int = 0) -> Source:
+def open_source(path, mpp: float | None = None, region=None, level: int = 0,
+                planes: Planes | None = None) -> Source:
     from ..slides.readers import open_image
 
     if mpp is not None and not mpp > 0:
         raise UsageError(f"--mpp must be positive (got {mpp:g})")
-    with open_image(path, mpp=mpp) as slide:
+    with open_image(path, mpp=mpp, planes=planes) as slide:
         if not 0 <= level < len(slide.levels):
             raise WsigenError(f"{path}: level {level} does not exist ({len(slide.levels)} levels)")
         x, y, w, h = region or (0, 0, slide.width, slide.height)
@@ -74,7 +81,7 @@ def open_source(path, mpp: float | None = None, region=None, level: int = 0) -> 
                               f"({slide.width}x{slide.height} at level 0)")
         d = slide.levels[level][2]
         lw, lh = max(1, round(w / d)), max(1, round(h / d))
-        src = Source(Path(path), (x, y, w, h), level, lw, lh, slide.mpp * d, slide.sha256(), mpp)
+        src = Source(Path(path), (x, y, w, h), level, lw, lh, slide.mpp * d, slide.sha256(), mpp, planes)
         # Decode every pixel once before any output exists: truncated files and corrupt tiles
         # open lazily and would otherwise fail half-way through writing the store.
         for _ in input_bands(slide, src.describe(), 1024):
@@ -151,6 +158,7 @@ def write_input(store, source: Source) -> None:
         _write_in_new_process(store.path, source.describe())
     else:
         _write_bands(store, source.describe())
+    store.sync_rows(store.stage_name(0))  # the input's chunks on disk before the mark
     store.mark_stage_complete(0)
 
 
@@ -158,7 +166,8 @@ def _write_bands(store, inp: dict) -> None:
     from ..slides.readers import open_image
 
     path = Path(inp["path"])
-    with open_image(path, mpp=inp["mpp_given"], require_mpp=False) as slide:
+    planes = Planes.from_record(inp["planes"]) if inp.get("planes") else None
+    with open_image(path, mpp=inp["mpp_given"], require_mpp=False, planes=planes) as slide:
         if slide.sha256() != inp["sha256"]:
             raise WsigenError(f"{path} has changed since the store was started (sha256 differs)")
         arr = store.stage_array(0)

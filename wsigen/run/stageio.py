@@ -93,8 +93,15 @@ def fill_noise(ctx: StageContext, band: Band, workers: int = 1) -> None:
 
 
 def read_state(store: SlideStore, band: Band, workers: int = 1) -> None:
-    """The saved mid-stage state into ``band``, by chunk row × column block on ``workers`` threads."""
+    """The saved mid-stage state into ``band``, by chunk row × column block on ``workers`` threads.
+
+    A missing chunk would read as zeros: refused instead (``SlideStore.trust_marks`` checks first).
+    """
     x = store.group[STATE]
+    gaps = store.missing_chunks(STATE) if hasattr(store, "missing_chunks") else 0
+    if gaps:
+        raise WsigenError(f"{store.path}: the checkpoint state/ lacks {gaps} chunks; refusing to read it "
+                          "as zeros")
     cols = max(x.chunks[2], _NOISE_COLS // x.chunks[2] * x.chunks[2])
 
     def one(block) -> None:
@@ -229,10 +236,13 @@ def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo
         arr = state_array(store)
     a, b = topo.stage_rows(ctx.height, arr.chunks[1])
     band = topo.regroup(band, a, b, kind="state")
-    for y in range(a, b, arr.chunks[1]):
-        e = min(y + arr.chunks[1], b)
+    c = arr.chunks[1]
+    for y in range(a, b, c):
+        e = min(y + c, b)
         arr[:, y:e, :] = band.rows(y, e).cpu().numpy()
         faults.point("state-chunk", y)
+    if hasattr(store, "sync_rows"):
+        store.sync_rows(STATE, range(a // c, -(-b // c)))  # this process's chunks, before the record
     topo.barrier()
     if topo.rank == 0:
         store.commit_state(ctx.stage, step)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import WsigenError
 from .pixels import WHITE, to_rgb8
+from .planes import Planes, plane_axis
 from .slide import ArraySlide, Slide
 
 #: Resolutions in inches (TIFF) or metres (PNG) are trusted only below this many µm/px:
@@ -66,7 +67,7 @@ class OpenSlideSlide(Slide):
 class TiffSlide(Slide):
     """TIFF / OME-TIFF via tifffile: levels from the series' pyramid, pixels lazily via zarr."""
 
-    def __init__(self, path: Path, tf, mpp: float | None):
+    def __init__(self, path: Path, tf, mpp: float | None, planes: Planes | None = None):
         import zarr
 
         self._tf = tf
@@ -84,13 +85,9 @@ class TiffSlide(Slide):
         w0 = levels[0][0]
         levels = [(w, h, w0 / w) for w, h, _ in levels]
         arr, axes = self._arrays[0]
-        ch = [arr.shape[axes.index(a)] for a in "CS" if a in axes]
-        nch = math.prod(ch) if ch else 1
-        if nch not in (1, 2, 3, 4):
-            raise WsigenError(
-                f"{path} has {nch} channels; only grey, grey+alpha, RGB and RGBA can be "
-                "read as RGB (convert it first)"
-            )
+        # Axes beyond Y, X and samples with several entries need --page/--channels (slides.planes).
+        self._pick = plane_axis(str(path), axes, tuple(arr.shape), tf.pages[0].extrasamples, planes)
+        self._planes = planes
         if mpp is None:
             mpp = _tiff_mpp(tf)
         super().__init__(path, levels, mpp)
@@ -100,22 +97,25 @@ class TiffSlide(Slide):
 
     def _read(self, level, x, y, w, h):
         arr, axes = self._arrays[level]
+        picks = (None,) if self._pick is None else self._planes.indices()
+        a = np.concatenate([self._plane(arr, axes, x, y, w, h, i) for i in picks], axis=2)
+        return to_rgb8(a, self.background, str(self.path))
+
+    def _plane(self, arr, axes, x, y, w, h, index):
+        """(h, w, samples) of one plane: ``index`` on the picked axis, 0 on other extra axes."""
         sel = tuple(
-            slice(y, y + h)
-            if a == "Y"
-            else slice(x, x + w)
-            if a == "X"
-            else slice(None)
-            if a in "CS"
+            slice(y, y + h) if a == "Y"
+            else slice(x, x + w) if a == "X"
+            else index if i == self._pick
+            else slice(None) if a == "S"
             else 0
-            for a in axes
+            for i, a in enumerate(axes)
         )
         a = np.asarray(arr[sel])
-        kept = [ax for ax in axes if ax in "YXCS"]
-        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax in "CS"]
+        kept = [ax for i, ax in enumerate(axes) if ax in "YXS" and i != self._pick]
+        order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax == "S"]
         a = a.transpose(order)
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        return to_rgb8(a, self.background, str(self.path))
+        return a.reshape(a.shape[0], a.shape[1], -1)
 
 
 def _tiff_mpp(tf) -> float | None:

@@ -33,8 +33,8 @@ def open_for_export(store: str | os.PathLike, partial: bool) -> SlideStore:
     if not s.complete and not partial:
         done, total = len(s.info.get("stages_complete", [])), len(s.stages)
         raise WsigenError(f"{store} is incomplete ({done} of {total} stages, pyramid "
-                          f"{'built' if s.info.get('levels') else 'not built'}); finish it with "
-                          f"`wsigen sample --resume -o {store}` or pass --partial to export what exists")
+                          f"{'built' if s.info.get('levels') else 'not built'}; {s.incomplete_note()}); "
+                          f"pass --partial to export what exists")
     return s
 
 

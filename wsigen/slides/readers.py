@@ -23,11 +23,12 @@ from .backends import (
     try_tifffile,
 )
 from .pixels import WHITE, area_resize, to_rgb8
+from .planes import Planes
 from .slide import ArraySlide, Slide, cached
 
 # The reading API lives here; the types and helpers are defined beside it.
 __all__ = ["IMAGE_SUFFIXES", "MAX_TRUSTED_DPI_MPP", "MAX_UNTILED_PIXELS", "WHITE", "ArraySlide",
-           "OpenSlideSlide", "Slide", "TiffSlide", "area_resize", "cached", "find_images", "open_image",
+           "OpenSlideSlide", "Planes", "Slide", "TiffSlide", "area_resize", "cached", "find_images", "open_image",
            "to_rgb8"]
 
 #: Suffixes a folder is searched for when slides are given as a folder.
@@ -50,9 +51,14 @@ IMAGE_SUFFIXES = (
 
 
 def open_image(
-    path: str | os.PathLike, mpp: float | None = None, require_mpp: bool = True
+    path: str | os.PathLike, mpp: float | None = None, require_mpp: bool = True,
+    planes: Planes | None = None,
 ) -> Slide:
-    """Open a slide or image; ``mpp`` overrides the file's µm/px (needed where it has none)."""
+    """Open a slide or image; ``mpp`` overrides the file's µm/px (needed where it has none).
+
+    An image with several planes (pages, Z, T, channels stored as pages) is refused unless
+    ``planes`` picks one (``--page``) or three (``--channels``): ``slides.planes``.
+    """
     path = Path(path)
     if mpp is not None and not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise WsigenError(f"mpp must be a positive number (got {mpp!r})")
@@ -62,7 +68,7 @@ def open_image(
         raise WsigenError(f"{path} is a folder, not an image")
     if path.stat().st_size == 0:
         raise WsigenError(f"{path} is empty (0 bytes)")
-    slide = _open_any(path, mpp)
+    slide = _open_any(path, mpp, planes)
     if slide.width < 1 or slide.height < 1:
         slide.close()
         raise WsigenError(f"{path} has no pixels ({slide.width}x{slide.height})")
@@ -75,7 +81,7 @@ def open_image(
     return slide
 
 
-def _open_any(path: Path, mpp: float | None) -> Slide:
+def _open_any(path: Path, mpp: float | None, planes: Planes | None = None) -> Slide:
     """The backend for a file: the one place that decides (a new format adds its test here)."""
     is_tiff = path.suffix.lower() in (".tif", ".tiff", ".btf", ".ome.tif")
     if is_tiff or path.name.lower().endswith((".ome.tif", ".ome.tiff")):
@@ -83,7 +89,7 @@ def _open_any(path: Path, mpp: float | None) -> Slide:
         # vendor TIFFs (Aperio, Philips, Ventana…) go to OpenSlide; plain and OME-TIFFs to tifffile
         if tf is not None and (tf.is_ome or openslide_format(path) in (None, "generic-tiff")):
             try:
-                return TiffSlide(path, tf, mpp)
+                return TiffSlide(path, tf, mpp, planes)
             except WsigenError:
                 tf.close()
                 raise
@@ -92,6 +98,8 @@ def _open_any(path: Path, mpp: float | None) -> Slide:
                 raise WsigenError(f"cannot read {path}: {e}") from None
         if tf is not None:
             tf.close()
+    if planes is not None and planes.indices() != (0,):
+        raise WsigenError(f"{path} has one plane; {planes.flag()} picks planes it does not have")
     fmt = openslide_format(path)
     if fmt is not None:
         import openslide

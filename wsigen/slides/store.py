@@ -13,6 +13,7 @@ write midway to check it).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ from zarr.codecs import ZstdCodec
 from .. import faults
 from ..errors import WsigenError
 from ..version import __version__
-from . import pyramid
+from . import durable, pyramid, storelock
 from .parallel import bounded_map, default_workers  # noqa: F401  (run.sampler imports both from here)
 from .pyramid import PYRAMID_MIN, downsample2, level_shapes  # noqa: F401  (the NGFF metadata names store.downsample2)
 
@@ -118,13 +119,14 @@ def _damage(info: dict) -> str | None:
 class SlideStore:
     """One slide: ``0 … n`` (final image and pyramid), ``stages/l`` (guides), ``state/`` (mid-stage)."""
 
-    def __init__(self, path: Path, group: zarr.Group):
+    def __init__(self, path: Path, group: zarr.Group, fsync: bool = True):
         self.path, self.group = path, group
+        self.fsync = fsync  # False: --no-fsync (nothing is forced to disk; scratch runs)
 
     # -- creation and opening -------------------------------------------------------------
     @classmethod
     def create(cls, path, *, stages: list[dict], final: tuple[int, int], info: dict,
-               chunk: int = CHUNK, overwrite: bool = False) -> SlideStore:
+               chunk: int = CHUNK, overwrite: bool = False, fsync: bool = True) -> SlideStore:
         """Create the arrays of every stage and level 0; ``info`` becomes the 'wsigen' attributes."""
         missing = [k for k in REQUIRED_INFO if k not in info]
         if missing:
@@ -135,16 +137,20 @@ class SlideStore:
             raise ValueError(f"last stage {stages[-1]['height']}x{stages[-1]['width']} ≠ final {final}")
         p = prepare_output(path, overwrite)
         g = zarr.open_group(str(p), mode="w-", zarr_format=3)
-        store = cls(p, g)
+        store = cls(p, g, fsync)
         for st in stages[:-1]:
             store._array(f"stages/{st['index']}", (st["height"], st["width"]), chunk)
         store._array("0", tuple(final), chunk)
         model = info["model"]
         sha = model.get("sha256") if isinstance(model, dict) else None
         # Attributes last: a store is recognisable as ours only once its arrays exist.
-        g.attrs["wsigen"] = {"version": __version__, "synthetic": True, "model_sha256": sha, **info,
-                             "stages": stages, "stages_complete": [], "state": None,
-                             "complete": False}
+        if fsync:
+            store._sync_tree(p)
+        store._write_attrs(wsigen={"version": __version__, "synthetic": True, "model_sha256": sha, **info,
+                                   "stages": stages, "stages_complete": [], "state": None,
+                                   "complete": False})
+        if fsync:
+            durable.fsync_dir(p.absolute().parent)  # the store's own name
         return store
 
     def _array(self, name: str, shape: tuple[int, int], chunk: int, dtype="uint8") -> zarr.Array:
@@ -180,9 +186,90 @@ class SlideStore:
         return dict(self.group.attrs["wsigen"])
 
     def update_info(self, **changes) -> None:
-        """Rewrite the 'wsigen' attributes (zarr.json is replaced atomically, like a chunk)."""
+        """Rewrite the 'wsigen' attributes: zarr.json is replaced atomically and durably."""
         faults.point("metadata")
-        self.group.attrs["wsigen"] = {**self.info, **changes}
+        self._write_attrs(wsigen={**self.info, **changes})
+
+    def _write_attrs(self, **attrs) -> None:
+        """Set group attributes through ``durable.write_json`` (temporary file, fsync, rename, fsync
+        of the folder), as zarr would write them but for the fsyncs; then reopen the group."""
+        meta = self.path / "zarr.json"
+        d = json.loads(meta.read_bytes())
+        d["attributes"] = {**d.get("attributes", {}), **attrs}
+        durable.write_json(meta, d, fsync=self.fsync, indent=zarr.config.get("json_indent"))
+        mode = "r" if self.group.store.read_only else "r+"
+        self.group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+
+    # -- durability -----------------------------------------------------------------------
+    def chunk_files(self, name: str, rows: range | None = None) -> list[Path]:
+        """The chunk files of array ``name`` (of chunk rows ``rows``: c/0/ROW/COL)."""
+        root = self.path / name / "c" / "0"
+        if not root.is_dir():
+            return []
+        dirs = [root / str(r) for r in rows] if rows is not None else sorted(root.iterdir())
+        return [f for d in dirs if d.is_dir() for f in d.iterdir() if not f.name.endswith(".partial")]
+
+    def sync_rows(self, name: str, rows: range | None = None, workers: int | None = None) -> None:
+        """fsync the chunks of chunk rows ``rows`` of ``name`` (all: None) and their folders.
+
+        Each process syncs the rows it wrote; ``sync_dirs`` then the folders above them.
+        """
+        if not self.fsync:
+            return
+        files = self.chunk_files(name, rows)
+        durable.fsync_all(files, workers or default_workers())
+        for d in sorted({f.parent for f in files}):
+            durable.fsync_dir(d)
+
+    def sync_dirs(self, name: str) -> None:
+        """fsync the folders that name array ``name``'s chunks, its zarr.json, up to the store."""
+        if not self.fsync:
+            return
+        top = self.path / name
+        for d in (top / "c" / "0", top / "c"):
+            if d.is_dir():
+                durable.fsync_dir(d)
+        if (top / "zarr.json").is_file():
+            durable.fsync_file(top / "zarr.json")
+        d = top
+        while True:
+            durable.fsync_dir(d)
+            if d == self.path:
+                break
+            d = d.parent
+
+    def _sync_tree(self, root: Path) -> None:
+        for d, _, files in os.walk(root, topdown=False):
+            for f in files:
+                durable.fsync_file(Path(d) / f)
+            durable.fsync_dir(d)
+
+    def trust_marks(self, log=None) -> None:
+        """Check the marks a resume would trust against the chunks they cover (resume, rank 0).
+
+        A stage marked complete with a missing chunk is sampled again (the same bytes); a
+        committed ``state/`` with a missing chunk is refused (zarr would read it as zeros): its
+        stage restarts from its first step.
+        """
+        i = self.info
+        redo = [l for l in i["stages_complete"] if l < len(self.stages) and not i.get("stages_dropped")
+                and self.stage_name(l) in self.group and self.missing_chunks(self.stage_name(l))]
+        changes = {}
+        if redo:
+            changes["stages_complete"] = [l for l in i["stages_complete"] if l not in redo]
+            if log:
+                log(f"stages {redo} are marked complete but chunks are missing: sampling them again")
+        st = i.get("state")
+        if st is not None:
+            gaps = self.missing_chunks(STATE) if STATE in self.group else None
+            if gaps is None or gaps:
+                changes["state"] = None
+                if log:
+                    log(f"refusing the checkpoint of stage {st['stage']} after step {st['step']}: "
+                        f"{'its array is missing' if gaps is None else f'{gaps} chunks are missing'}; "
+                        f"stage {st['stage']} restarts from its first step")
+        if changes:
+            self.update_info(**changes)
 
     @property
     def complete(self) -> bool:
@@ -213,6 +300,14 @@ class SlideStore:
         return l in self.info["stages_complete"]
 
     def mark_stage_complete(self, l: int) -> None:
+        """Record stage ``l`` as complete: only once every chunk exists and is on disk. Each writer
+        has ``sync_rows``-ed the chunks it wrote before; here the folders, then the mark."""
+        name = self.stage_name(l)
+        gaps = self.missing_chunks(name)
+        if gaps:
+            raise WsigenError(f"{self.path}: {gaps} chunks of stage {l} are missing after writing it; "
+                              "the store is damaged")
+        self.sync_dirs(name)
         done = sorted(set(self.info["stages_complete"]) | {l})
         self.update_info(stages_complete=done)
 
@@ -261,7 +356,12 @@ class SlideStore:
         return arr.with_config(_ARRAY_CONFIG)
 
     def commit_state(self, stage: int, step: int) -> None:
-        """Record that state/ holds stage ``stage`` after ``step`` steps (all chunks written before)."""
+        """Record that state/ holds stage ``stage`` after ``step`` steps (all chunks written and
+        ``sync_rows``-ed by their writers before): the folders, then the record, durably."""
+        gaps = self.missing_chunks(STATE)
+        if gaps:
+            raise WsigenError(f"{self.path}: {gaps} chunks of the checkpoint are missing after writing it")
+        self.sync_dirs(STATE)
         self.update_info(state={"stage": stage, "step": step})
 
     def drop_state(self) -> None:
@@ -321,7 +421,10 @@ class SlideStore:
         gaps = {n: m for n in arrays if (m := self.missing_chunks(n))}
         if gaps:
             raise WsigenError(f"{self.path}: chunks missing after writing ({gaps}); the store is damaged")
-        self.group.attrs["ome"] = ngff_attrs(shapes, mpp, name)
+        for i in range(1, len(shapes)):  # the pyramid's chunks on disk before "complete"
+            self.sync_rows(str(i), workers=workers)
+            self.sync_dirs(str(i))
+        self._write_attrs(ome=ngff_attrs(shapes, mpp, name))
         faults.point("metadata")  # between the NGFF metadata and the completion flag
         if drop_stages and "stages" in self.group:
             del self.group["stages"]
@@ -335,6 +438,23 @@ class SlideStore:
         """Temporary files a killed writer left behind (never chunks: those are renamed in whole)."""
         for f in self.path.rglob("*.partial"):
             f.unlink(missing_ok=True)
+
+    def writer(self):
+        """The live writer of this store (``storelock.Holder``), or None: a probe, never a lock."""
+        return storelock.probe(self.path)
+
+    def resume_command(self) -> str:
+        inp = self.info.get("config", {}).get("input")
+        if isinstance(inp, dict) and inp.get("path"):
+            return f"wsigen upscale {inp['path']} --resume -o {self.path}"
+        return f"wsigen sample --resume -o {self.path}"
+
+    def incomplete_note(self) -> str:
+        """Why an incomplete store is so: "being written by PID@host since …" or "interrupted: …"."""
+        holder = self.writer()
+        if holder is not None:
+            return f"being written by {holder.describe()}"
+        return f"interrupted: resume with `{self.resume_command()}`"
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -351,6 +471,7 @@ class SlideStore:
                   for st in self.stages]
         model = i.get("model", {})
         done = i.get("complete", False)
+        holder = None if done else self.writer()
         return {
             "path": str(self.path), "complete": done, "synthetic": i.get("synthetic", True),
             "width": last["width"], "height": last["height"], "mpp": last["mpp"],
@@ -361,7 +482,9 @@ class SlideStore:
             "steps": cfg.get("steps"), "guided_steps": cfg.get("guided_steps"),
             "stages": stages, "stages_complete": i.get("stages_complete", []),
             "state": i.get("state"), "stages_dropped": dropped,
-            "resume": None if done else f"wsigen sample --resume -o {self.path}",
+            "resume": None if done or holder else self.resume_command(),
+            "writer": holder.describe() if holder else None,
+            "batch_changes": cfg.get("batch_changes", []),
             "disk_bytes": self.disk_bytes(),
         }
 

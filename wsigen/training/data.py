@@ -88,12 +88,16 @@ def load_slides(
     thumb_side: int = 1024,
     stain_ref: str | None = None,
     cache_pixels: int = 64 * 2**20,
+    planes: readers.Planes | None = None,
 ) -> list[SlideData]:
-    """Open every slide, cache small ones in memory, build tissue masks (and stain models)."""
+    """Open every slide, cache small ones in memory, build tissue masks (and stain models).
+
+    A slide with several planes (pages, Z, T, channels as pages) is refused unless ``planes``
+    picks them (``slides.planes``)."""
     files = readers.find_images(paths)
     out = []
     for p in files:
-        slide = readers.cached(readers.open_image(p, mpp=mpp), cache_pixels)
+        slide = readers.cached(readers.open_image(p, mpp=mpp, planes=planes), cache_pixels)
         thumb = slide.thumbnail(thumb_side)
         mask = tissue_mask(thumb, od_threshold)
         stain = None
