@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,10 @@ from zarr.codecs import ZstdCodec
 from .. import faults
 from ..errors import WsigenError
 from ..version import __version__
-from . import durable, pyramid, storelock
+from . import durable, pyramid, store_meta, storelock
 from .parallel import bounded_map, default_workers  # noqa: F401  (run.sampler imports both from here)
 from .pyramid import PYRAMID_MIN, downsample2, level_shapes  # noqa: F401  (the NGFF metadata names store.downsample2)
+from .store_meta import damage, is_store, ngff_attrs, prepare_output  # noqa: F401  (imported from here)
 
 CHUNK = 512
 STATE = "state/x"
@@ -38,82 +38,6 @@ REQUIRED_INFO = ("torch_version", "config", "key", "model", "seed", "mpp_per_sta
 # the zstd checksum makes a damaged chunk an error instead of wrong pixels.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 _CODEC = ZstdCodec(level=1, checksum=True)  # level 1: 5× faster to write than 3, as small here
-
-
-def is_store(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a zarr v3 store (a wsigen store or not: the attributes say which)."""
-    return (Path(path) / "zarr.json").is_file()
-
-
-def prepare_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; never delete what is not ours."""
-    p = Path(path)
-    if p.exists() or p.is_symlink():
-        if not overwrite:
-            raise WsigenError(f"output {p} exists; pass --overwrite to replace it or --resume to continue it")
-        if p.is_dir() and not p.is_symlink() and (is_store(p) or not any(p.iterdir())):
-            shutil.rmtree(p)
-        else:
-            raise WsigenError(f"refusing to overwrite {p}: it is not a wsigen store")
-    parent = p.absolute().parent
-    if parent.exists() and not parent.is_dir():
-        raise WsigenError(f"cannot create {p}: {parent} is not a directory")
-    return p
-
-
-def ngff_attrs(shapes: list[tuple[int, int]], mpp: float, name: str) -> dict:
-    """OME-NGFF 0.5 'ome' attributes: axes c, y, x; scales in µm; RGB rendering hints."""
-    datasets = [
-        {"path": str(i), "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0, mpp * 2**i, mpp * 2**i]}]}
-        for i in range(len(shapes))
-    ]
-    colours = ["FF0000", "00FF00", "0000FF"]
-    return {
-        "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": [
-                {"name": "c", "type": "channel"},
-                {"name": "y", "type": "space", "unit": "micrometer"},
-                {"name": "x", "type": "space", "unit": "micrometer"},
-            ],
-            "datasets": datasets,
-            "type": "mean",
-            "metadata": {"method": "wsigen.slides.store.downsample2",
-                         "description": "integer 2x2 mean, round half up; odd edges repeat"},
-        }],
-        "omero": {
-            "channels": [
-                {"label": lab, "color": col, "active": True,
-                 "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
-                for lab, col in zip(("R", "G", "B"), colours, strict=True)
-            ],
-            "rdefs": {"model": "color"},
-        },
-    }
-
-
-def _damage(info: dict) -> str | None:
-    """What is wrong with the 'wsigen' attributes the code relies on, or None."""
-    stages = info.get("stages")
-    if not isinstance(stages, list) or not stages:
-        return "stages is not a list"
-    for i, st in enumerate(stages):
-        if not (isinstance(st, dict) and st.get("index") == i
-                and all(isinstance(st.get(k), int) and st[k] > 0 for k in ("height", "width"))
-                and isinstance(st.get("mpp"), int | float) and st["mpp"] > 0):
-            return f"stage {i} is malformed"
-    done = info.get("stages_complete")
-    if not isinstance(done, list) or not all(isinstance(l, int) for l in done):
-        return "stages_complete is not a list of stage numbers"
-    if not isinstance(info.get("complete"), bool):
-        return "complete is not true or false"
-    state = info.get("state")
-    if state is not None and not (isinstance(state, dict) and isinstance(state.get("stage"), int)
-                                  and isinstance(state.get("step"), int)):
-        return "state is malformed"
-    return None
 
 
 class SlideStore:
@@ -174,7 +98,7 @@ class SlideStore:
         info = g.attrs.get("wsigen")
         if not isinstance(info, dict) or "stages" not in info or "complete" not in info:
             raise WsigenError(f"{p} is not a wsigen slide store (no 'wsigen' attributes)")
-        problem = _damage(info)
+        problem = damage(info)
         if problem:
             raise WsigenError(f"{p}: the store's 'wsigen' attributes are damaged ({problem}); "
                               f"sample it again with --overwrite")
@@ -461,32 +385,7 @@ class SlideStore:
 
     def describe(self) -> dict:
         """What ``wsigen info`` prints: size, µm/px, model, seed, stages, resumability, disk use."""
-        i = self.info
-        cfg = i.get("config", {})
-        last = self.stages[-1]
-        dropped = bool(i.get("stages_dropped"))
-        stages = [{**st, "complete": self.stage_complete(st["index"]),
-                   "present": st["index"] == len(self.stages) - 1 or (
-                       not dropped and self.stage_name(st["index"]) in self.group)}
-                  for st in self.stages]
-        model = i.get("model", {})
-        done = i.get("complete", False)
-        holder = None if done else self.writer()
-        return {
-            "path": str(self.path), "complete": done, "synthetic": i.get("synthetic", True),
-            "width": last["width"], "height": last["height"], "mpp": last["mpp"],
-            "levels": [list(self.group[n].shape[1:]) for n in self.level_names()],
-            "model": model.get("name") if isinstance(model, dict) else model,
-            "model_sha256": i.get("model_sha256") or (model.get("sha256") if isinstance(model, dict) else None),
-            "seed": i.get("seed"), "version": i.get("version"), "torch_version": i.get("torch_version"),
-            "steps": cfg.get("steps"), "guided_steps": cfg.get("guided_steps"),
-            "stages": stages, "stages_complete": i.get("stages_complete", []),
-            "state": i.get("state"), "stages_dropped": dropped,
-            "resume": None if done or holder else self.resume_command(),
-            "writer": holder.describe() if holder else None,
-            "batch_changes": cfg.get("batch_changes", []),
-            "disk_bytes": self.disk_bytes(),
-        }
+        return store_meta.describe(self)
 
 
 def info(store: str | os.PathLike) -> dict:
