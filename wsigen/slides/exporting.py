@@ -31,7 +31,7 @@ from ..errors import UsageError, WsigenError
 from ..version import __version__
 from .store import SlideStore, bounded_map, default_workers, downsample2
 
-FORMATS = ("ome-tiff", "tiff", "svs", "dzi", "png")
+FORMATS = ("ome-tiff", "tiff", "svs", "dzi", "png", "dicom")
 COMPRESSIONS = ("jpeg", "deflate", "zstd", "none")
 PNG_MAX_SIDE = 4096  # PNG without --level/--max-size: the largest level that fits this
 SMALL_BYTES = 256 * 2**20  # a level this small may be held in memory (PNG, DZI)
@@ -400,11 +400,15 @@ def write_dzi(base: Path, arr, codec: Codec, tile: int, mpp: float, meta: dict,
 def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-tiff",
            compression: str | None = None, quality: int = 90, tile: int = 512,
            level: int | None = None, max_size: int | None = None, partial: bool = False,
-           overwrite: bool = False, workers: int | None = None) -> dict:
+           overwrite: bool = False, workers: int | None = None, uid_root: str = "2.25.") -> dict:
     """Export a slide store to ``out``; returns a summary (format, levels written, bytes)."""
     fmt = format.lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format})")
+    if fmt == "dicom":  # DICOM WSI folder: its own compressions and UIDs (slides/dicom.py)
+        from .dicom import export_dicom
+        return export_dicom(store, out, compression, quality, tile, level, max_size, partial, overwrite,
+                            workers or default_workers(), uid_root)
     if compression is None:
         compression = "deflate" if fmt == "png" else "jpeg"
     compression = compression.lower()

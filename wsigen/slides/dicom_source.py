@@ -1,0 +1,88 @@
+"""The store's levels as a wsidicom ``Source``: what ``WsiDicom(source).save`` writes from.
+
+Each level is an ``ImageData`` of raw RGB tiles (tile = the store's chunk, so a tile is one
+chunk file decoded), read on demand from wsidicom's worker threads: no level is ever held
+whole. Datasets come from wsidicom's own metadata schema (``WsiDataset.create_instance_dataset``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from wsidicom.codec import Encoder
+from wsidicom.geometry import Point, Size, SizeMm
+from wsidicom.instance import ImageData, WsiDataset, WsiInstance
+from wsidicom.metadata import ImageType
+from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema
+from wsidicom.source import Source
+
+from .. import faults
+from .dicom import padded
+
+
+class StoreLevel(ImageData):
+    """One store level, (3, H, W) uint8, as uncompressed tiles of ``tile`` px."""
+
+    def __init__(self, arr, spacing_mm: SizeMm, tile: int):
+        from .exporting import chunk_reader  # decode a chunk file straight, as the TIFF export does
+
+        super().__init__(Encoder.create(ExplicitVRLittleEndian, 8, "RGB"))
+        self._arr, self._spacing, self._tile = arr, spacing_mm, tile
+        self._read = chunk_reader(arr) if tuple(getattr(arr, "chunks", ())) == (3, tile, tile) else None
+
+    transfer_syntax = property(lambda self: UID(ExplicitVRLittleEndian))
+    image_size = property(lambda self: Size(self._arr.shape[2], self._arr.shape[1]))
+    tile_size = property(lambda self: Size(self._tile, self._tile))
+    pixel_spacing = property(lambda self: self._spacing)
+    imaged_size = property(lambda self: None)  # wsidicom derives it: size × spacing
+    samples_per_pixel = property(lambda self: 3)
+    photometric_interpretation = property(lambda self: "RGB")
+    bits = property(lambda self: 8)
+    image_coordinate_system = property(lambda self: None)  # the schema's default (slide centre)
+    thread_safe = property(lambda self: True)  # chunk reads use per-thread buffers
+    lossy_compression = property(lambda self: None)  # the store is the original: never compressed
+    transcoder = property(lambda self: None)
+
+    def get_decoded_tile(self, tile_point: Point, z: float, path: str, cache: bool = True) -> np.ndarray:
+        faults.point("export-tile")
+        t, h, w = self._tile, self._arr.shape[1], self._arr.shape[2]
+        y, x = tile_point.y * t, tile_point.x * t
+        if self._read is not None:
+            chw = self._read(tile_point.y, tile_point.x)[:, : min(t, h - y), : min(t, w - x)]
+        else:
+            chw = np.asarray(self._arr[:, y : y + t, x : x + t])
+        return padded(chw, t)
+
+    def get_encoded_tile(self, tile: Point, z: float, path: str) -> bytes:
+        return self.get_decoded_tile(tile, z, path).tobytes()
+
+
+class StoreSource(Source):
+    """Level instances over the store's pyramid; no label, overview or thumbnail."""
+
+    def __init__(self, levels: list, mpp: float, metadata, tile: int):
+        super().__init__()
+        # ICC profile: Type 1C for colour images; the schema inserts an sRGB one when asked to
+        base = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME, require_icc_profile=True)
+        self._base = WsiDataset(copy.deepcopy(base))
+        h0, w0 = levels[0].shape[1:]
+        self._levels = []
+        for i, arr in enumerate(levels):
+            h, w = arr.shape[1:]
+            # exact per-axis ratios, so every level images the same physical area (odd sizes too)
+            spacing = SizeMm(mpp * w0 / w / 1000, mpp * h0 / h / 1000)
+            data = StoreLevel(arr, spacing, tile)
+            # create_instance_dataset fills in the dataset it is given: one copy per level
+            self._levels.append(WsiInstance.create_instance(data, copy.deepcopy(base), ImageType.VOLUME, i))
+
+    base_dataset = property(lambda self: self._base)
+    level_instances = property(lambda self: self._levels)
+    label_instances = property(lambda self: [])
+    overview_instances = property(lambda self: [])
+    thumbnail_instances = property(lambda self: [])
+    annotation_instances = property(lambda self: [])
+
+    def close(self) -> None:
+        pass
