@@ -140,9 +140,6 @@ def export_dicom(store, out, compression: str | None = None, quality: int = 90, 
     leaves no folder under the output's name, and ``--overwrite`` replaces only a folder that
     carries the marker.
     """
-    from wsidicom import WsiDicom
-
-    from .dicom_source import StoreSource
     from .exporting import open_for_export, pick_level, provenance
 
     compression = (compression or "jpeg").lower()
@@ -164,10 +161,26 @@ def export_dicom(store, out, compression: str | None = None, quality: int = 90, 
     meta = provenance(s)
     meta.update(level=first, mpp=mpp, height=shapes[first][0], width=shapes[first][1])
     name = Path(s.path).name
+    r = write_dicom(out, levels, mpp, meta, name, compression, quality, tile, workers, new_uid, uid_root)
+    return {"output": str(out), "format": "dicom", "compression": compression,
+            "quality": quality if compression == "jpeg" else None, "tile": tile, "level": first,
+            "levels": len(levels), "width": shapes[first][1], "height": shapes[first][0], "mpp": mpp,
+            "complete": s.complete, **r}
+
+
+def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, compression: str, quality: int,
+                tile: int, workers: int, new_uid, uid_root: str) -> dict:
+    """Write ``levels`` ((3, H, W) arrays, largest first; anything with ``shape`` and slicing)
+    as the DICOM folder ``out``: a hidden temporary sibling, the marker last, then a rename."""
+    from wsidicom import WsiDicom
+
+    from .dicom_source import StoreSource
+
     now = datetime.datetime.now().astimezone()
     md = metadata(meta, name, mpp, new_uid, now)
     encoder = encoder_for(compression, quality)
-    # Upper bound of one level's pixel data: raw tiles (JPEG never grows past ~raw + headers).
+    # Upper bound of level 0's pixel data: its raw tiles + 5 % (lossless codecs expand noise by
+    # less). Were it passed anyway, wsidicom rewrites the file with an EOT: slower, still correct.
     raw0 = 3 * tile * tile * -(-levels[0].shape[1] // tile) * -(-levels[0].shape[2] // tile)
     offset_table = "eot" if raw0 * 1.05 > BOT_LIMIT else "bot"
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -183,17 +196,19 @@ def export_dicom(store, out, compression: str | None = None, quality: int = 90, 
                   "offset_table": offset_table, "uid_root": uid_root, "exported": now.isoformat(),
                   "files": sorted(Path(f).name for f in files)}
         (tmp / MARKER).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if out.exists():
+        if out.exists():  # --overwrite: the old export steps aside, and comes back if the rename fails
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
     finally:
         for p in (tmp, old):
             if p.exists():
                 shutil.rmtree(p, ignore_errors=True)
-    return {"output": str(out), "format": "dicom", "compression": compression,
-            "quality": quality if compression == "jpeg" else None, "tile": tile, "level": first,
-            "levels": len(levels), "width": shapes[first][1], "height": shapes[first][0], "mpp": mpp,
-            "complete": s.complete, "files": len(files), "offset_table": offset_table,
+    return {"files": len(files), "offset_table": offset_table,
             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
 
 
