@@ -22,10 +22,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from .. import faults
-from ..errors import UsageError, WsigenError
+from ..errors import UsageError
 from ..version import __version__
 
 #: --compression → (transfer syntax name, lossless?). JPEG baseline is what every viewer reads.
@@ -33,7 +31,7 @@ SYNTAXES = {"jpeg": ("JPEGBaseline8Bit", False), "jpeg2000": ("JPEG2000Lossless"
             "jpegls": ("JPEGLSLossless", True)}
 PATIENT_NAME = "SYNTHETIC^WSIGEN"
 PATIENT_ID = "WSIGEN-SYNTHETIC"
-MARKER = "wsigen.json"  # what --overwrite looks for: only a folder wsigen wrote is replaced
+MARKER = "wsigen.json"  # what --overwrite looks for (exporting._check_output): only our folders are replaced
 #: The Basic Offset Table holds 32-bit offsets; pixel data that may reach past this bound gets
 #: the Extended Offset Table (64-bit) instead, chosen before writing so that nothing is rewritten.
 BOT_LIMIT = 2**32 - 2**24
@@ -131,51 +129,30 @@ def encoder_for(compression: str, quality: int):
     return Encoder.create_for_settings(settings)
 
 
-def export_dicom(store, out, compression: str | None = None, quality: int = 90, tile: int = 512,
-                 level: int | None = None, max_size: int | None = None, partial: bool = False,
-                 overwrite: bool = False, workers: int = 4, uid_root: str = "2.25.") -> dict:
-    """Write the store (from ``level``/``max_size`` down) as the DICOM series folder ``out``.
-
-    Written under a hidden temporary sibling, the marker file last, then renamed: a crash
-    leaves no folder under the output's name, and ``--overwrite`` replaces only a folder that
-    carries the marker.
-    """
-    from .exporting import open_for_export, pick_level, provenance
-
-    compression = (compression or "jpeg").lower()
+def check_options(compression: str, uid_root: str) -> None:
+    """Refuse what the DICOM export cannot write, before anything is read or written."""
     if compression not in SYNTAXES:
         raise UsageError(f"dicom --compression must be one of {', '.join(SYNTAXES)} (got {compression})")
-    if not 1 <= quality <= 100:
-        raise UsageError(f"--quality must lie in 1–100 (got {quality})")
-    if tile < 16 or tile % 16 or tile > 4096:
-        raise UsageError(f"--tile must be a multiple of 16 between 16 and 4096 (got {tile})")
-    new_uid = uid_factory(uid_root)
-    out = Path(out)
-    _check_output(out, overwrite)
-    s = open_for_export(store, partial)
-    levels = [s.level_array(int(n)) for n in s.level_names()]
-    shapes = [tuple(a.shape[1:]) for a in levels]
-    first = pick_level(shapes, level, max_size)
-    levels = levels[first:]
-    mpp = s.mpp * shapes[0][1] / shapes[first][1]
-    meta = provenance(s)
-    meta.update(level=first, mpp=mpp, height=shapes[first][0], width=shapes[first][1])
-    name = Path(s.path).name
-    r = write_dicom(out, levels, mpp, meta, name, compression, quality, tile, workers, new_uid, uid_root)
-    return {"output": str(out), "format": "dicom", "compression": compression,
-            "quality": quality if compression == "jpeg" else None, "tile": tile, "level": first,
-            "levels": len(levels), "width": shapes[first][1], "height": shapes[first][0], "mpp": mpp,
-            "complete": s.complete, **r}
+    uid_factory(uid_root)
 
 
 def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, compression: str, quality: int,
-                tile: int, workers: int, new_uid, uid_root: str) -> dict:
+                tile: int, workers: int, uid_root: str = "2.25.", chunk_reader=None) -> dict:
     """Write ``levels`` ((3, H, W) arrays, largest first; anything with ``shape`` and slicing)
-    as the DICOM folder ``out``: a hidden temporary sibling, the marker last, then a rename."""
+    as the DICOM folder ``out`` (checked by the caller: absent, or a wsigen export and
+    --overwrite). ``chunk_reader(arr)`` may give a faster chunk decoder (exporting.chunk_reader).
+
+    Written under a hidden temporary sibling, the marker file last, then renamed: a crash
+    leaves no folder under the output's name, and ``--overwrite`` replaces only a folder that
+    carries the marker (exporting's output check).
+    """
     from wsidicom import WsiDicom
 
     from .dicom_source import StoreSource
 
+    check_options(compression, uid_root)
+    new_uid = uid_factory(uid_root)
+    out = Path(out)
     now = datetime.datetime.now().astimezone()
     md = metadata(meta, name, mpp, new_uid, now)
     encoder = encoder_for(compression, quality)
@@ -187,7 +164,7 @@ def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, comp
     old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
     try:
         tmp.mkdir()
-        with StoreSource(levels, mpp, md, tile) as source, WsiDicom(source) as wsi:
+        with StoreSource(levels, mpp, md, tile, chunk_reader) as source, WsiDicom(source) as wsi:
             files = wsi.save(tmp, uid_generator=new_uid, workers=workers, offset_table=offset_table,
                              transcoding=encoder, include_labels=False, include_overviews=False,
                              include_thumbnails=False)
@@ -206,29 +183,9 @@ def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, comp
             raise
     finally:
         for p in (tmp, old):
-            if p.exists():
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():  # --overwrite of a plain file by that name
+                p.unlink()
     return {"files": len(files), "offset_table": offset_table,
             "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise WsigenError(f"output {out} exists; pass --overwrite to replace it")
-        if not out.is_dir() or out.is_symlink() or not (out / MARKER).is_file():
-            raise WsigenError(f"refusing to overwrite {out}: it is not a wsigen DICOM export")
-    if not out.absolute().parent.is_dir():
-        raise WsigenError(f"cannot write {out}: {out.absolute().parent} is not a directory")
-
-
-def padded(chw: np.ndarray, size: int) -> np.ndarray:
-    """(3, h, w) → (size, size, 3), edge pixels repeated (keeps JPEG ringing off the border)."""
-    _, h, w = chw.shape
-    t = np.empty((size, size, 3), np.uint8)
-    t[:h, :w] = chw.transpose(1, 2, 0)
-    if h < size:
-        t[h:, :w] = t[h - 1 : h, :w]
-    if w < size:
-        t[:, w:] = t[:, w - 1 : w]
-    return t

@@ -1,12 +1,13 @@
 """Reading a DICOM whole-slide series folder back through wsidicom (``wsigen info``, ``preview``).
 
-``open_image`` hands a folder of DICOM files to ``DicomSlide`` (levels, µm/px, regions as RGB
-uint8); ``describe`` is what ``wsigen info`` prints for it: size, µm/px, levels, transfer
+``open_image`` hands a folder of DICOM files to ``open_dicom`` (a ``Slide``: levels, µm/px,
+regions as RGB uint8); ``describe`` is what ``wsigen info`` prints for it: size, µm/px, levels, transfer
 syntax, and what the series says about being synthetic (patient, model sha256, seed).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import WsigenError
-from .readers import Slide
 
 _PROVENANCE = re.compile(r"model sha256 (?P<sha>[0-9a-f]+|None); seed (?P<seed>[^;]+)")
 
@@ -53,30 +53,37 @@ def _open(path: Path):
     return wsi
 
 
-class DicomSlide(Slide):
-    """A DICOM VL Whole Slide Microscopy series (one pyramid) opened with wsidicom."""
+@functools.cache
+def slide_class(base: type) -> type:
+    """``DicomSlide``, a subclass of the readers' ``Slide`` (handed in: readers imports this module)."""
 
-    def __init__(self, path: Path, mpp: float | None):
-        self._wsi = _open(path)
-        lv = list(self._wsi.levels)
-        w0 = lv[0].size.width
-        levels = [(lvl.size.width, lvl.size.height, w0 / lvl.size.width) for lvl in lv]
-        if mpp is None and self._wsi.mpp is not None:
-            mpp = float(self._wsi.mpp.width)  # wsidicom's "mpp" is µm per pixel
-        self._levels = lv
-        super().__init__(path, levels, mpp)
+    class DicomSlide(base):
+        """A DICOM VL Whole Slide Microscopy series (one pyramid) opened with wsidicom."""
 
-    def close(self):
-        self._wsi.close()
+        def __init__(self, path: Path, mpp: float | None):
+            self._wsi = _open(path)
+            lv = list(self._wsi.levels)
+            w0 = lv[0].size.width
+            levels = [(lvl.size.width, lvl.size.height, w0 / lvl.size.width) for lvl in lv]
+            if mpp is None and self._wsi.mpp is not None:
+                mpp = float(self._wsi.mpp.width)  # wsidicom's "mpp" is µm per pixel
+            self._levels = lv
+            super().__init__(path, levels, mpp)
 
-    def _read(self, level, x, y, w, h):
-        # read_region takes the level's own number (log2 of its downsample) and its pixel coordinates
-        a = self._wsi.read_region((x, y), self._levels[level].level, (w, h), as_array=True)
-        return np.ascontiguousarray(np.asarray(a, np.uint8)[..., :3])
+        def close(self):
+            self._wsi.close()
+
+        def _read(self, level, x, y, w, h):
+            # read_region takes the level's own number (log2 of its downsample) and its pixel coordinates
+            a = self._wsi.read_region((x, y), self._levels[level].level, (w, h), as_array=True)
+            return np.ascontiguousarray(np.asarray(a, np.uint8)[..., :3])
+
+    return DicomSlide
 
 
-def open_dicom(path: str | os.PathLike, mpp: float | None = None) -> DicomSlide:
-    return DicomSlide(Path(path), mpp)
+def open_dicom(path: str | os.PathLike, mpp: float | None, base: type):
+    """The folder as a ``base`` (readers.Slide): levels, µm/px, regions as RGB uint8."""
+    return slide_class(base)(Path(path), mpp)
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -19,18 +19,17 @@ from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema
 from wsidicom.source import Source
 
 from .. import faults
-from .dicom import padded
 
 
 class StoreLevel(ImageData):
     """One store level, (3, H, W) uint8, as uncompressed tiles of ``tile`` px."""
 
-    def __init__(self, arr, spacing_mm: SizeMm, tile: int):
-        from .exporting import chunk_reader  # decode a chunk file straight, as the TIFF export does
-
+    def __init__(self, arr, spacing_mm: SizeMm, tile: int, chunk_reader=None):
         super().__init__(Encoder.create(ExplicitVRLittleEndian, 8, "RGB"))
         self._arr, self._spacing, self._tile = arr, spacing_mm, tile
-        self._read = chunk_reader(arr) if tuple(getattr(arr, "chunks", ())) == (3, tile, tile) else None
+        # tile = chunk: decode the chunk file straight (exporting.chunk_reader), else zarr reads
+        same = tuple(getattr(arr, "chunks", ())) == (3, tile, tile)
+        self._read = chunk_reader(arr) if chunk_reader is not None and same else None
 
     transfer_syntax = property(lambda self: UID(ExplicitVRLittleEndian))
     image_size = property(lambda self: Size(self._arr.shape[2], self._arr.shape[1]))
@@ -62,7 +61,7 @@ class StoreLevel(ImageData):
 class StoreSource(Source):
     """Level instances over the store's pyramid; no label, overview or thumbnail."""
 
-    def __init__(self, levels: list, mpp: float, metadata, tile: int):
+    def __init__(self, levels: list, mpp: float, metadata, tile: int, chunk_reader=None):
         super().__init__()
         # ICC profile: Type 1C for colour images; the schema inserts an sRGB one when asked to
         base = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME, require_icc_profile=True)
@@ -73,7 +72,7 @@ class StoreSource(Source):
             h, w = arr.shape[1:]
             # exact per-axis ratios, so every level images the same physical area (odd sizes too)
             spacing = SizeMm(mpp * w0 / w / 1000, mpp * h0 / h / 1000)
-            data = StoreLevel(arr, spacing, tile)
+            data = StoreLevel(arr, spacing, tile, chunk_reader)
             # create_instance_dataset fills in the dataset it is given: one copy per level
             self._levels.append(WsiInstance.create_instance(data, copy.deepcopy(base), ImageType.VOLUME, i))
 
@@ -86,3 +85,15 @@ class StoreSource(Source):
 
     def close(self) -> None:
         pass
+
+
+def padded(chw: np.ndarray, size: int) -> np.ndarray:
+    """(3, h, w) → (size, size, 3), edge pixels repeated (keeps JPEG ringing off the border)."""
+    _, h, w = chw.shape
+    t = np.empty((size, size, 3), np.uint8)
+    t[:h, :w] = chw.transpose(1, 2, 0)
+    if h < size:
+        t[h:, :w] = t[h - 1 : h, :w]
+    if w < size:
+        t[:, w:] = t[:, w - 1 : w]
+    return t

@@ -405,14 +405,14 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     fmt = format.lower()
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format})")
-    if fmt == "dicom":  # DICOM WSI folder: its own compressions and UIDs (slides/dicom.py)
-        from .dicom import export_dicom
-        return export_dicom(store, out, compression, quality, tile, level, max_size, partial, overwrite,
-                            workers or default_workers(), uid_root)
     if compression is None:
         compression = "deflate" if fmt == "png" else "jpeg"
     compression = compression.lower()
-    if compression not in COMPRESSIONS:
+    if fmt == "dicom":  # DICOM WSI: its own transfer syntaxes and UIDs (slides/dicom.py)
+        from . import dicom
+
+        dicom.check_options(compression, uid_root)
+    elif compression not in COMPRESSIONS:
         raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)} (got {compression})")
     if fmt == "png" and compression != "deflate":
         raise UsageError("png is always deflate-compressed (lossless); drop --compression")
@@ -448,6 +448,9 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     if fmt in ("ome-tiff", "tiff", "svs"):
         with _atomic_path(out) as tmp:
             write_tiff(tmp, arrays, fmt, codec, tile, mpp, meta, name, workers)
+        written = len(arrays)
+    elif fmt == "dicom":  # a folder, written beside the output and renamed (slides/dicom.py)
+        dicom.write_dicom(out, arrays, mpp, meta, name, compression, quality, tile, workers, uid_root, chunk_reader)
         written = len(arrays)
     elif fmt == "png":
         with _atomic_path(out) as tmp:

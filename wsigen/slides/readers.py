@@ -400,7 +400,7 @@ def open_image(
         raise WsigenError(f"{path} is a folder, not an image")
     if path.is_file() and path.stat().st_size == 0:
         raise WsigenError(f"{path} is empty (0 bytes)")
-    slide = open_dicom(path, mpp) if path.is_dir() else _open_any(path, mpp)
+    slide = open_dicom(path, mpp, Slide) if path.is_dir() else _open_any(path, mpp)
     if slide.width < 1 or slide.height < 1:
         slide.close()
         raise WsigenError(f"{path} has no pixels ({slide.width}x{slide.height})")
