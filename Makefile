@@ -12,6 +12,11 @@ install:
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
+	@# dciodvfy (Debian dicom3tools) validates the DICOM export in tests; optional: never fails install
+	-@command -v dciodvfy > /dev/null || { command -v apt-get > /dev/null && \
+		{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); $$SUDO apt-get update -q && \
+		  $$SUDO apt-get install -y -q dicom3tools; } > /dev/null 2>&1; } || \
+		echo "note: dciodvfy not installed (no apt-get or no permission); the DICOM validation test will be skipped"
 	$(BIN)/wsigen --help > /dev/null && echo "wsigen installed in $(VENV)"
 
 test:
