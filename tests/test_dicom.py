@@ -282,6 +282,14 @@ def test_kill_during_export_leaves_no_folder(slide, tmp_path, fault):
     assert len(read_levels(out)) == 4
 
 
+def test_disk_full_is_one_line_and_leaves_nothing(slide, tmp_path):
+    out = tmp_path / "f"
+    r = wsigen("export", slide.path, "--format", "dicom", "--compression", "jpegls", "-o", out, fsize=300_000)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("wsigen: cannot write the DICOM series") and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_export_memory_is_bounded(tmp_path):
     """Peak traced memory stays a fraction of the level (16384 × 512 px, 24 MB): tiles in flight."""
     s = make_store(tmp_path / "tall.zarr", 16384, 512, chunk=256, min_side=1024)

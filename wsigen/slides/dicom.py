@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from .. import faults
-from ..errors import UsageError
+from ..errors import UsageError, WsigenError
 from ..version import __version__
 
 #: --compression → (transfer syntax name, lossless?). JPEG baseline is what every viewer reads.
@@ -164,10 +164,13 @@ def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, comp
     old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
     try:
         tmp.mkdir()
-        with StoreSource(levels, mpp, md, tile, chunk_reader) as source, WsiDicom(source) as wsi:
-            files = wsi.save(tmp, uid_generator=new_uid, workers=workers, offset_table=offset_table,
-                             transcoding=encoder, include_labels=False, include_overviews=False,
-                             include_thumbnails=False)
+        try:
+            with StoreSource(levels, mpp, md, tile, chunk_reader) as source, WsiDicom(source) as wsi:
+                files = wsi.save(tmp, uid_generator=new_uid, workers=workers, offset_table=offset_table,
+                                 transcoding=encoder, include_labels=False, include_overviews=False,
+                                 include_thumbnails=False)
+        except (OSError, ValueError, RuntimeError) as e:  # disk full, a codec's refusal, …: one line
+            raise WsigenError(f"cannot write the DICOM series {out}: {type(e).__name__}: {e}") from None
         faults.point("dicom-marker")  # every instance written, the marker not yet
         record = {**meta, "format": "dicom", "compression": compression, "transfer_syntax": SYNTAXES[compression][0],
                   "offset_table": offset_table, "uid_root": uid_root, "exported": now.isoformat(),
