@@ -205,13 +205,14 @@ def test_extended_offset_table_where_32_bits_may_not_do(slide, levels, tmp_path,
 
 
 class NoiseLevel:
-    """A (3, H, W) level of one repeated random tile: past 4 GiB of lossless pixel data without a
-    store of that size. 7-bit noise: JPEG-LS keeps it at 96 % of raw (full 8-bit noise would
-    expand, and charls through imagecodecs then fails for want of output buffer)."""
+    """A (3, H, W) level of one repeated random tile, to pass 4 GiB of lossless pixel data without
+    a store of that size. 7-bit noise: JPEG-LS keeps it at 96 % of raw (full 8-bit noise would
+    expand, and CharLS through imagecodecs then fails for want of output buffer)."""
 
     def __init__(self, height: int, width: int, tile: int):
         self.shape, self.chunks = (3, height, width), (3, tile, tile)
         self.tile = np.random.default_rng(0).integers(0, 128, (3, tile, tile), np.uint8)
+        self.frame = imagecodecs.jpegls_encode(np.ascontiguousarray(self.tile.transpose(1, 2, 0)), level=0)
 
     def __getitem__(self, sel):
         _, ys, xs = sel
@@ -219,18 +220,36 @@ class NoiseLevel:
 
 
 @pytest.mark.slow
-def test_lossless_level_past_4_gib(tmp_path):
-    """4.4 GB of JPEG-LS frames in one instance (~3 min on 2 cores): 64-bit offsets, and the
-    last frame, past 2^32 bytes, reads back exactly; dciodvfy accepts the file."""
+@pytest.mark.timeout(1800)
+def test_lossless_level_past_4_gib(tmp_path, monkeypatch):
+    """One 4.4 GB JPEG-LS instance (368 frames of 2048²): the offsets pass 2^32, and the last
+    frame reads back exactly; dciodvfy accepts the file. The frame is encoded once and handed
+    to wsidicom as already JPEG-LS (so it copies instead of transcoding 368 times): the write
+    path, offset table and folder handling are write_dicom's own."""
+    from pydicom.uid import UID, JPEGLSLossless
+
+    from wsigen.slides import dicom_source
+
     t = 2048
-    level = NoiseLevel(16 * t, 23 * t, t)  # 368 frames of ~12.1 MB
+    level = NoiseLevel(16 * t, 23 * t, t)
+
+    class PreEncoded(dicom_source.StoreLevel):
+        transfer_syntax = property(lambda self: UID(JPEGLSLossless))
+
+        def get_encoded_tile(self, tile, z, path):
+            return level.frame
+
+    monkeypatch.setattr(dicom_source, "StoreLevel", PreEncoded)
     meta = {"model_sha256": SHA, "seed": 0, "model": "noise", "synthetic": True}
     r = dicom.write_dicom(tmp_path / "big", [level], MPP, meta, "noise", "jpegls", 90, t, 2)
     assert r["offset_table"] == "eot" and r["bytes"] > 2**32
     (f,) = dicom_files(tmp_path / "big")
     ds = pydicom.dcmread(f, stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
     offsets = np.frombuffer(ds.ExtendedOffsetTable, "<u8")
+    lengths = np.frombuffer(ds.ExtendedOffsetTableLengths, "<u8")
     assert len(offsets) == 368 and offsets[-1] > 2**32 and np.all(np.diff(offsets) > 0)
+    assert np.all(lengths >= len(level.frame))  # each frame whole (items are padded to even length)
     with WsiDicom.open(tmp_path / "big") as w:
         last = w.read_region((22 * t, 15 * t), 0, (t, t), as_array=True)
     assert np.array_equal(last, level.tile.transpose(1, 2, 0))
