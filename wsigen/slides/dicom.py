@@ -148,14 +148,15 @@ def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, comp
     """
     from wsidicom import WsiDicom
 
-    from .dicom_source import StoreSource
+    from .dicom_source import StoreSource, TileSlots, bounded_encoder
 
     check_options(compression, uid_root)
     new_uid = uid_factory(uid_root)
     out = Path(out)
     now = datetime.datetime.now().astimezone()
     md = metadata(meta, name, mpp, new_uid, now)
-    encoder = encoder_for(compression, quality)
+    slots = TileSlots(4 * workers + 8)  # raw tiles in flight: a few per thread (dicom_source.py)
+    encoder = bounded_encoder(encoder_for(compression, quality), slots)
     # Upper bound of level 0's pixel data: its raw tiles + 5 % (lossless codecs expand noise by
     # less). Were it passed anyway, wsidicom rewrites the file with an EOT: slower, still correct.
     raw0 = 3 * tile * tile * -(-levels[0].shape[1] // tile) * -(-levels[0].shape[2] // tile)
@@ -165,7 +166,7 @@ def write_dicom(out: Path, levels: list, mpp: float, meta: dict, name: str, comp
     try:
         tmp.mkdir()
         try:
-            with StoreSource(levels, mpp, md, tile, chunk_reader) as source, WsiDicom(source) as wsi:
+            with StoreSource(levels, mpp, md, tile, chunk_reader, slots) as source, WsiDicom(source) as wsi:
                 files = wsi.save(tmp, uid_generator=new_uid, workers=workers, offset_table=offset_table,
                                  transcoding=encoder, include_labels=False, include_overviews=False,
                                  include_thumbnails=False)

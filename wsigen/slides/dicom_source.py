@@ -3,11 +3,18 @@
 Each level is an ``ImageData`` of raw RGB tiles (tile = the store's chunk, so a tile is one
 chunk file decoded), read on demand from wsidicom's worker threads: no level is ever held
 whole. Datasets come from wsidicom's own metadata schema (``WsiDataset.create_instance_dataset``).
+
+Backpressure: wsidicom 0.36 bounds its encoder's input queue, but its dispatcher hands every
+task on to a thread pool whose own queue is unbounded, so with a slow codec (JPEG-LS, JPEG 2000)
+raw tiles pile up there (measured: 0.8–1.2 GB at 16384², and it would grow with the level).
+``TileSlots`` closes the loop: a tile is read only when a slot is free, and the encoder
+(wrapped by ``bounded_encoder``) frees the slot once the tile is encoded.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -21,12 +28,32 @@ from wsidicom.source import Source
 from .. import faults
 
 
+class TileSlots(threading.Semaphore):
+    """Tiles read from the store and not yet encoded, at most ``n`` (shared by all levels).
+
+    ``n`` must exceed what wsidicom's readers can hold before they hand a batch on (one batch
+    of 2 tiles per reader thread), or they would wait for each other."""
+
+
+def bounded_encoder(encoder: Encoder, slots: TileSlots) -> Encoder:
+    """``encoder`` that frees a tile slot after each encode (same class and settings)."""
+
+    class Bounded(type(encoder)):
+        def encode(self, pixels):
+            try:
+                return super().encode(pixels)
+            finally:
+                slots.release()
+
+    return Bounded(encoder.settings)
+
+
 class StoreLevel(ImageData):
     """One store level, (3, H, W) uint8, as uncompressed tiles of ``tile`` px."""
 
-    def __init__(self, arr, spacing_mm: SizeMm, tile: int, chunk_reader=None):
+    def __init__(self, arr, spacing_mm: SizeMm, tile: int, chunk_reader=None, slots: TileSlots | None = None):
         super().__init__(Encoder.create(ExplicitVRLittleEndian, 8, "RGB"))
-        self._arr, self._spacing, self._tile = arr, spacing_mm, tile
+        self._arr, self._spacing, self._tile, self._slots = arr, spacing_mm, tile, slots
         # tile = chunk: decode the chunk file straight (exporting.chunk_reader), else zarr reads
         same = tuple(getattr(arr, "chunks", ())) == (3, tile, tile)
         self._read = chunk_reader(arr) if chunk_reader is not None and same else None
@@ -46,6 +73,10 @@ class StoreLevel(ImageData):
 
     def get_decoded_tile(self, tile_point: Point, z: float, path: str, cache: bool = True) -> np.ndarray:
         faults.point("export-tile")
+        if self._slots is not None:
+            # bounded wait: after a failure elsewhere nobody frees slots, and wsidicom's reader
+            # must get on to notice the cancellation (a slow codec just loosens the bound by one)
+            self._slots.acquire(timeout=10)
         t, h, w = self._tile, self._arr.shape[1], self._arr.shape[2]
         y, x = tile_point.y * t, tile_point.x * t
         if self._read is not None:
@@ -61,7 +92,8 @@ class StoreLevel(ImageData):
 class StoreSource(Source):
     """Level instances over the store's pyramid; no label, overview or thumbnail."""
 
-    def __init__(self, levels: list, mpp: float, metadata, tile: int, chunk_reader=None):
+    def __init__(self, levels: list, mpp: float, metadata, tile: int, chunk_reader=None,
+                 slots: TileSlots | None = None):
         super().__init__()
         # ICC profile: Type 1C for colour images; the schema inserts an sRGB one when asked to
         base = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME, require_icc_profile=True)
@@ -72,7 +104,7 @@ class StoreSource(Source):
             h, w = arr.shape[1:]
             # exact per-axis ratios, so every level images the same physical area (odd sizes too)
             spacing = SizeMm(mpp * w0 / w / 1000, mpp * h0 / h / 1000)
-            data = StoreLevel(arr, spacing, tile, chunk_reader)
+            data = StoreLevel(arr, spacing, tile, chunk_reader, slots)
             # create_instance_dataset fills in the dataset it is given: one copy per level
             self._levels.append(WsiInstance.create_instance(data, copy.deepcopy(base), ImageType.VOLUME, i))
 
