@@ -17,6 +17,11 @@ install:
 	-@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
 		{ (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 || \
 		  echo "note: could not install chromium (apt-get failed); the browser test will be skipped"; }
+	@# dciodvfy (Debian dicom3tools) validates the DICOM export in tests; optional: never fails install
+	-@command -v dciodvfy > /dev/null || { command -v apt-get > /dev/null && \
+		{ SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); $$SUDO apt-get update -q && \
+		  $$SUDO apt-get install -y -q dicom3tools; } > /dev/null 2>&1; } || \
+		echo "note: dciodvfy not installed (no apt-get or no permission); the DICOM validation test will be skipped"
 	$(BIN)/wsigen --help > /dev/null && echo "wsigen installed in $(VENV)"
 
 test:

@@ -1,4 +1,4 @@
-"""``wsigen export`` (store → OME-TIFF, TIFF, SVS, DZI, PNG) and ``wsigen info`` (what a store holds)."""
+"""``wsigen export`` (store → OME-TIFF, TIFF, SVS, DZI, PNG, DICOM) and ``wsigen info`` (what a store holds)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ def _size(n: float) -> str:
 
 def info_lines(d: dict) -> list[str]:
     """``wsigen info`` as text: one fact per line."""
+    if d.get("format") == "dicom":  # a DICOM export folder
+        from ..slides.dicom_read import info_lines as dicom_lines
+
+        return dicom_lines(d)
     levels = ", ".join(f"{w}x{h}" for h, w in d["levels"])
     done = set(d["stages_complete"])
     stages = " ".join(f"{s['index']}:{s['width']}x{s['height']}@{s['mpp']:g}{'✓' if s['index'] in done else '…'}"
@@ -52,7 +56,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @command()
     def info(
-        store: Annotated[Path, typer.Argument(help="A slide store (zarr) written by wsigen sample.")],
+        store: Annotated[Path, typer.Argument(help="A slide store (zarr) written by wsigen sample, or a DICOM folder written by wsigen export.")],
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ):
         """Size, µm/px, model, seed, completed stages, disk use and how to resume a store."""
@@ -65,9 +69,9 @@ def register(app: typer.Typer) -> None:
     @command()
     def export(
         store: Annotated[Path, typer.Argument(help="A slide store (zarr) written by wsigen sample.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Output file (dzi: OUT.dzi and OUT_files/).")],
-        format: Annotated[str, typer.Option("--format", "-f", help="ome-tiff, tiff (OpenSlide), svs (Aperio), dzi or png.")] = "ome-tiff",
-        compression: Annotated[str | None, typer.Option(help="jpeg, deflate, zstd or none (default jpeg; png is always deflate).")] = None,
+        output: Annotated[Path, typer.Option("-o", "--output", help="Output file (dzi: OUT.dzi and OUT_files/; dicom: a folder).")],
+        format: Annotated[str, typer.Option("--format", "-f", help="ome-tiff, tiff (OpenSlide), svs (Aperio), dzi, png or dicom (a folder: one DICOM WSI series).")] = "ome-tiff",
+        compression: Annotated[str | None, typer.Option(help="jpeg, deflate, zstd or none (default jpeg; png is always deflate; dicom: jpeg, jpeg2000 or jpegls, the last two lossless).")] = None,
         quality: Annotated[int, typer.Option(help="JPEG quality.", min=1, max=100)] = 90,
         tile: Annotated[int, typer.Option(help="Tile size in px (multiple of 16).", min=16)] = 512,
         level: Annotated[int | None, typer.Option(help="Pyramid level to export as the full resolution (0 = largest).", min=0)] = None,
@@ -75,14 +79,15 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int | None, typer.Option(help="Encoder threads (default: CPU count, at most 8).", min=1)] = None,
         partial: Annotated[bool, typer.Option(help="Export an incomplete store as it is (unwritten pixels are black).")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+        uid_root: Annotated[str, typer.Option(help="dicom: root of the study/series/instance UIDs (default 2.25.: UUID-derived).")] = "2.25.",
         as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     ):
-        """Export a store as pyramidal OME-TIFF, OpenSlide TIFF, Aperio SVS, Deep Zoom or PNG."""
+        """Export a store as pyramidal OME-TIFF, OpenSlide TIFF, Aperio SVS, Deep Zoom, PNG or DICOM WSI."""
         from ..slides.exporting import export as run_export
 
         s = run_export(store, output, format=format, compression=compression, quality=quality,
                        tile=tile, level=level, max_size=max_size, partial=partial,
-                       overwrite=overwrite, workers=workers)
+                       overwrite=overwrite, workers=workers, uid_root=uid_root)
         if as_json:
             typer.echo(json.dumps(s, indent=2))
             return

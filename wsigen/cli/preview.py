@@ -11,7 +11,7 @@ import typer
 
 from ..errors import UsageError
 
-Slide = Annotated[Path, typer.Argument(help="A wsigen store (.zarr) or a slide file (OME-TIFF, TIFF, SVS, …).")]
+Slide = Annotated[Path, typer.Argument(help="A wsigen store (.zarr), a slide file (OME-TIFF, TIFF, SVS, …) or a DICOM WSI folder.")]
 
 
 def _pair(text: str | None, what: str) -> tuple[float, float] | None:

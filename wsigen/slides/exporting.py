@@ -17,12 +17,12 @@ from pathlib import Path
 from ..errors import UsageError, WsigenError
 from .export_meta import provenance
 from .export_tiff import write_tiff
-from .export_tiles import Codec
+from .export_tiles import Codec, chunk_reader
 from .export_vips import write_dzi, write_png
 from .parallel import default_workers
 from .store import SlideStore
 
-FORMATS = ("ome-tiff", "tiff", "svs", "dzi", "png")
+FORMATS = ("ome-tiff", "tiff", "svs", "dzi", "png", "dicom")
 COMPRESSIONS = ("jpeg", "deflate", "zstd", "none")
 PNG_MAX_SIDE = 4096  # PNG without --level/--max-size: the largest level that fits this
 
@@ -82,7 +82,7 @@ def _check_output(out: Path, overwrite: bool, extra: list[Path]) -> None:
 def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-tiff",
            compression: str | None = None, quality: int = 90, tile: int = 512,
            level: int | None = None, max_size: int | None = None, partial: bool = False,
-           overwrite: bool = False, workers: int | None = None) -> dict:
+           overwrite: bool = False, workers: int | None = None, uid_root: str = "2.25.") -> dict:
     """Export a slide store to ``out``; returns a summary (format, levels written, bytes)."""
     fmt = format.lower()
     if fmt not in FORMATS:
@@ -90,7 +90,11 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     if compression is None:
         compression = "deflate" if fmt == "png" else "jpeg"
     compression = compression.lower()
-    if compression not in COMPRESSIONS:
+    if fmt == "dicom":  # DICOM WSI: its own transfer syntaxes and UIDs (slides/dicom.py)
+        from . import dicom
+
+        dicom.check_options(compression, uid_root)
+    elif compression not in COMPRESSIONS:
         raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)} (got {compression})")
     if fmt == "png" and compression != "deflate":
         raise UsageError("png is always deflate-compressed (lossless); drop --compression")
@@ -101,7 +105,7 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     if tile < 16 or tile % 16 or tile > 8192:
         raise UsageError(f"--tile must be a multiple of 16 between 16 and 8192 (got {tile})")
     workers = workers or default_workers()
-    codec = Codec(compression, quality)
+    codec = None if fmt == "dicom" else Codec(compression, quality)
 
     out = Path(out)
     base = out.with_suffix("") if fmt == "dzi" and out.suffix.lower() == ".dzi" else out
@@ -123,7 +127,11 @@ def export(store: str | os.PathLike, out: str | os.PathLike, format: str = "ome-
     meta.update(level=first, mpp=mpp, height=shapes[first][0], width=shapes[first][1])
     name = Path(s.path).name
 
-    written = _write(fmt, out, extra, base, arrays, codec, tile, mpp, meta, name, workers)
+    if fmt == "dicom":  # a folder, written beside the output and renamed (slides/dicom.py)
+        dicom.write_dicom(out, arrays, mpp, meta, name, compression, quality, tile, workers, uid_root, chunk_reader)
+        written = len(arrays)
+    else:
+        written = _write(fmt, out, extra, base, arrays, codec, tile, mpp, meta, name, workers)
     h, w = shapes[first]
     return {"output": str(out), "format": fmt, "compression": compression,
             "quality": quality if compression == "jpeg" else None, "tile": tile, "level": first,

@@ -64,11 +64,13 @@ def open_image(
         raise WsigenError(f"mpp must be a positive number (got {mpp!r})")
     if not path.exists():
         raise WsigenError(f"image not found: {path}")
-    if path.is_dir():
+    from .dicom_read import is_dicom_folder, open_dicom  # a DICOM WSI series folder (dicom_read.py)
+
+    if path.is_dir() and not is_dicom_folder(path):
         raise WsigenError(f"{path} is a folder, not an image")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise WsigenError(f"{path} is empty (0 bytes)")
-    slide = _open_any(path, mpp, planes)
+    slide = open_dicom(path, mpp, Slide) if path.is_dir() else _open_any(path, mpp, planes)
     if slide.width < 1 or slide.height < 1:
         slide.close()
         raise WsigenError(f"{path} has no pixels ({slide.width}x{slide.height})")

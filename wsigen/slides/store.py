@@ -390,4 +390,8 @@ class SlideStore:
 
 def info(store: str | os.PathLike) -> dict:
     """Describe a slide store (``wsigen info``): size, µm/px, model, seed, stages, how to resume."""
+    from .dicom_read import describe, is_dicom_folder  # a DICOM export folder (dicom_read.py)
+
+    if is_dicom_folder(store):
+        return describe(store)
     return SlideStore.open(store).describe()
