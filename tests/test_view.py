@@ -557,3 +557,20 @@ def test_headless_chromium_zooms_and_shows_the_slide(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_facts_name_the_live_writer_from_a_probe(tmp_path):
+    """Beside a live writer the page says who writes the store (a probe: the lock stays theirs)."""
+    from wsigen.slides import storelock
+
+    p = tmp_path / "live.zarr"
+    make_store(p, complete=False)
+    assert layers_mod.store_facts(SlideStore.open(p))["writer"] is None
+    lock = storelock.acquire(p, command="wsigen sample")
+    try:
+        writer = layers_mod.store_facts(SlideStore.open(p))["writer"]
+        assert writer is not None and f"PID {os.getpid()}@" in writer
+        assert storelock.probe(p) is not None  # still held by the writer after the viewer looked
+    finally:
+        lock.release()
+    assert layers_mod.store_facts(SlideStore.open(p))["writer"] is None

@@ -116,7 +116,14 @@ def store_facts(store: SlideStore) -> dict:
                    for s in store.stages],
         "stages_complete": [l for l in i.get("stages_complete", []) if isinstance(l, int)],
         "state": {"stage": state["stage"], "step": state["step"]} if state else None,
+        # a probe of the store's write lock (never taking it): who writes it, if anyone
+        "writer": None if i.get("complete") else _text(_writer(store), 120),
     }
+
+
+def _writer(store: SlideStore) -> str | None:
+    holder = store.writer()
+    return holder.describe() if holder is not None else None
 
 
 def store_layers(store: SlideStore, cache: LRU) -> dict[str, Layer]:

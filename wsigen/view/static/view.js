@@ -32,7 +32,8 @@
     let line = "";
     if (info.kind === "store" && !info.complete) {
       const n = info.stages.length, done = info.stages_complete.length;
-      line = `being written: ${done} of ${n} stages complete`;
+      line = info.writer ? `being written by ${info.writer}: ${done} of ${n} stages complete`
+                         : `interrupted: ${done} of ${n} stages complete (resume it to continue)`;
       if (info.state) line += `; stage ${info.state.stage} saved after step ${info.state.step}`;
       if (info.steps) line += ` of ${info.steps}`;
     }
