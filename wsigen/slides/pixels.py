@@ -80,12 +80,13 @@ def _axis0_sums(a: np.ndarray, lo: float, hi: float, n: int, acc, ft) -> np.ndar
     Whole rows are summed in ``acc`` (exact integers for uint8 input); the two partial edge rows
     are then added with their fractional weights: S(e) = C[i] + f·a[i] for the prefix sum C, so
     S(e_{k+1}) − S(e_k) = (rows i_k … i_{k+1}−1) − f_k·a[i_k] + f_{k+1}·a[i_{k+1}]. One
-    ``np.sum`` per output row beats ``np.add.reduceat`` (a casting loop) several times over.
+    reduction per output row beats ``np.add.reduceat`` (a casting loop) several times over.
     """
     i, f = _edges(lo, hi, n, a.shape[0])
     whole = np.empty((n, *a.shape[1:]), acc)
-    for k in range(n):
-        np.sum(a[i[k] : i[k + 1]], axis=0, dtype=acc, out=whole[k])
+    add, bounds = np.add.reduce, i.tolist()
+    for k in range(n):  # the ufunc itself: np.sum's wrapper would cost more than the sums here
+        add(a[bounds[k] : bounds[k + 1]], axis=0, dtype=acc, out=whole[k])
     edge = a[i].astype(ft) * f.astype(ft).reshape(-1, *[1] * (a.ndim - 1))
     out = whole.astype(ft, copy=False)
     out -= edge[:-1]
