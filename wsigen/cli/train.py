@@ -80,6 +80,25 @@ def train_command(
         str | None,
         typer.Option(help="UNet channel multipliers per level, e.g. 1,2,2. (default 1,2,2)"),
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Network: small (default), paper (Harb et al.: M=512, width 64, mults "
+            "1,2,2,4,4,4, 2 blocks, attention at 32² and 16², dropout 0.1) or a JSON file of "
+            "UNet fields. --patch/--width/--mults/--blocks/--attn-levels/--dropout override it."
+        ),
+    ] = None,
+    blocks: Annotated[
+        int | None, typer.Option(help="Residual blocks per UNet level. (default 1)", min=1)
+    ] = None,
+    attn_levels: Annotated[
+        str | None,
+        typer.Option(help="UNet levels with self-attention, e.g. 4,5 (0 = full resolution; "
+                     "'none'). (default none)"),
+    ] = None,
+    dropout: Annotated[
+        float | None, typer.Option(help="Dropout in the residual blocks, 0..1. (default 0)")
+    ] = None,
     mpp_min: Annotated[
         float | None, typer.Option(help="Finest µm/px trained. (default the slides' native µm/px)")
     ] = None,
@@ -157,6 +176,7 @@ def train_command(
 ) -> None:
     """Train a denoiser on your slides (EDM loss at random µm/px); writes DIR/model.safetensors."""
     from .. import training
+    from ..nets import archs
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite cannot be used together")
@@ -166,9 +186,10 @@ def train_command(
         time_limit=_duration(time_limit),
         batch=batch,
         lr=lr,
-        patch=patch,
-        width=width,
-        mults=_mults(mults),
+        **training.arch_options(
+            arch, patch=patch, width=width, mults=_mults(mults), blocks=blocks,
+            attn_levels=archs.parse_levels(attn_levels), dropout=dropout,
+        ),
         mpp_min=mpp_min,
         mpp_max=mpp_max,
         mpp_sampling=mpp_sampling,
