@@ -60,6 +60,10 @@ class OpenSlideSlide(Slide):
             img = self._osr.read_region((int(round(x * d)), int(round(y * d))), level, (w, h))
         except Exception as e:  # openslide raises OpenSlideError subclasses and others
             raise WsigenError(f"{self.path}: cannot read region ({e})") from None
+        if img.mode == "RGBA" and img.getchannel("A").getextrema() == (255, 255):
+            # opaque (inside the scanned area): Pillow drops alpha in C, ~5× faster than numpy's
+            # strided 4→3-byte copy; pixels exactly as to_rgb8 would give
+            return np.array(img.convert("RGB"))  # a writable copy, as to_rgb8 returns
         return to_rgb8(np.asarray(img), self.background, str(self.path))
 
 

@@ -115,8 +115,9 @@ def area_resize(
     acc = (np.int32 if (fy + 2) * 255 < 2**31 else np.int64) if a.dtype == np.uint8 else ft
     rows = _axis0_sums(a, y0, y1, out_h, acc, ft)  # (out_h, w, c)
     cols = _axis0_sums(np.ascontiguousarray(rows.transpose(1, 0, 2)), x0, x1, out_w, ft, ft)
-    sums = cols.transpose(1, 0, 2)
-    out = sums * ft(1 / (fy * fx))
-    np.rint(out, out=out)
-    np.clip(out, 0, 255, out=out)
-    return np.ascontiguousarray(out.astype(np.uint8))
+    cols *= ft(1 / (fy * fx))
+    np.rint(cols, out=cols)
+    np.clip(cols, 0, 255, out=cols)
+    out = np.empty((out_h, out_w, cols.shape[2]), np.uint8)
+    np.copyto(out, cols.transpose(1, 0, 2), casting="unsafe")  # exact: integers in [0, 255]
+    return out
