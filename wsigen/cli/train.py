@@ -167,6 +167,12 @@ def train_command(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto. (default auto)")] = None,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option(help="Patch-reading processes per training process, prefetching ahead of "
+                     "the optimizer; the patches are the same for any number. (default "
+                     "min(4, CPUs per training process))", min=0, max=64),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from DIR/train-state exactly.")
     ] = False,
@@ -205,6 +211,7 @@ def train_command(
         seed=seed,
         init_from=init_from,
         device=device,
+        loader_workers=loader_workers,
     )
     summary = training.train([str(s) for s in slides], output, options, resume=resume, overwrite=overwrite)
     state = "finished" if summary["finished"] else "stopped (resume with --resume)"

@@ -22,6 +22,7 @@ RUN_CONTROL = (
     "preview_every",
     "log_every",
     "device",
+    "loader_workers",
 )
 MPP_SAMPLING = ("uniform", "log-uniform")
 DEVICES = ("cpu", "cuda", "auto")
@@ -71,6 +72,9 @@ class TrainConfig:
     preview_every: int = 1000
     log_every: int = 10
     device: str = "auto"
+    #: loader processes per training process (None: min(4, CPUs per training process)); the
+    #: patches are the same for any number, so it may change on --resume
+    loader_workers: int | None = None
 
     def __post_init__(self):
         # lists from JSON or Python callers become tuples, so equal configs compare equal
@@ -99,6 +103,8 @@ class TrainConfig:
             raise UsageError(
                 f"--mpp-sampling must be uniform or log-uniform (got {self.mpp_sampling!r})"
             )
+        if self.loader_workers is not None and not 0 <= self.loader_workers <= 64:
+            raise UsageError(f"--loader-workers must lie in 0…64 (got {self.loader_workers})")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be cpu, cuda or auto (got {self.device!r})")
 

@@ -1,12 +1,15 @@
 """The training loop: EDM loss conditioned on µm/px, AdamW, EMA, Accelerate, resumable state.
 
 ``DIR/model.safetensors`` holds the EMA weights and the sampling config; ``DIR/train-state/``
-(:mod:`.state`) holds what an exact resume needs. All randomness is keyed by (seed, step, rank)
-(:mod:`.keyed`), so a resumed run draws the same patches and noise as an uninterrupted one.
+(:mod:`.state`) holds what an exact resume needs. All randomness is keyed by (seed, step, rank, index)
+(:mod:`.keyed`), so a resumed run draws the same patches, noise and dropout masks as an
+uninterrupted one, whatever the number of loader processes (:mod:`.loader`) reading them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -19,11 +22,22 @@ import torch
 from ..errors import UsageError, WsigenError
 from ..method import edm
 from ..slides import checkpoint
-from . import data, keyed, log
+from . import data, keyed, loader, log
 from .config import TrainConfig, TrainOptions, default_sampling, ema_beta, learning_rate
 from .progress import ProgressBar
 from .sampling import grid_image, sample_patches, to_uint8, write_png
-from .state import OLD, PARTIAL, STATE_DIR, Reached, RunRecord, SavedState, has_state, load_state, save_state
+from .state import (
+    KEYS_VERSION,
+    OLD,
+    PARTIAL,
+    STATE_DIR,
+    Reached,
+    RunRecord,
+    SavedState,
+    has_state,
+    load_state,
+    save_state,
+)
 
 PREVIEW_DIR = "preview"
 
@@ -61,6 +75,12 @@ def _resolve(
         if not has_state(out):
             raise WsigenError(f"--resume: no training state in {out} (expected {out / STATE_DIR})")
         saved = load_state(out)
+        if saved.keys_version != KEYS_VERSION:
+            raise WsigenError(
+                f"--resume: {out / STATE_DIR} was written by an older wsigen whose patches and "
+                "noise are drawn differently, so it cannot be resumed exactly; start again with "
+                "--overwrite (or fine-tune its model with --init-from)"
+            )
         return options.resumed(saved.config), saved
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -231,21 +251,23 @@ def train(
         write_png(out / PREVIEW_DIR / f"step-{step:07d}.png", img)
         write_png(out / "preview.png", img)
 
+    workers = cfg.loader_workers
+    if workers is None:
+        workers = loader.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    batches = loader.Batches(sampler, cfg.seed, rank, local_batch, step, cfg.max_steps, workers, acc.device)
     t_start = time.time()
     losses, last_ckpt = [], step
     bar = ProgressBar(main and progress, cfg.max_steps, step)
-    with _Stop() as stop, bar:
-        t_log, n_log = time.time(), 0
+    with _Stop() as stop, bar, contextlib.closing(batches):
+        t_log, n_log, wait_log = time.time(), 0, 0.0
         while step < cfg.max_steps:
             # one optimizer step: a keyed batch, the EDM loss, a clipped and sanitised update
-            g = keyed.step_rng(cfg.seed, step, rank, keyed.DATA)
-            x, s = sampler.batch(g, local_batch)
-            x, s = x.to(acc.device), s.to(acc.device)
-            gen = keyed.torch_generator(g, x.device)
+            x, s = next(batches)
+            gen = keyed.loss_generator(cfg.seed, step, rank, 0, x.device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             net.train()
-            with acc.autocast():
+            with acc.autocast(), keyed.dropout_masks(cfg.seed, step, rank, 0, x.device):
                 loss = edm.edm_loss(_Loss(net, sigma_data), x, s, gen)
             acc.backward(loss)
             if cfg.grad_clip:
@@ -272,7 +294,8 @@ def train(
             last = step == cfg.max_steps or timed_out or signum is not None
             if step % cfg.log_every == 0 or last:
                 mean = float(acc.gather(torch.tensor([np.mean(losses)], device=acc.device)).mean())
-                rate = n_log / max(time.time() - t_log, 1e-9)
+                span = max(time.time() - t_log, 1e-9)
+                rate, waiting = n_log / span, min((batches.waited - wait_log) / span, 1.0)
                 if main:
                     log.append_row(
                         out / log.LOG_FILE,
@@ -281,10 +304,11 @@ def train(
                         loss=round(mean, 6),
                         lr=learning_rate(cfg, step - 1),
                         images_per_s=round(rate, 2),
+                        data_wait=round(waiting, 3),
                         time=round(elapsed(), 1),
                     )
-                bar.update(step, mean, rate)
-                losses, t_log, n_log = [], time.time(), 0
+                bar.update(step, mean, rate, waiting)
+                losses, t_log, n_log, wait_log = [], time.time(), 0, batches.waited
             if cfg.preview_every and step % cfg.preview_every == 0:
                 preview()
             if step - last_ckpt >= cfg.checkpoint_every or timed_out or signum is not None:
