@@ -173,6 +173,24 @@ def train_command(
                      "the optimizer; the patches are the same for any number. (default "
                      "min(4, CPUs per training process))", min=0, max=64),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Training processes (with --device cpu: gloo), started and watched "
+                     "here; --batch is split over them.", min=1),
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="CUDA training processes, one device each (an error where there "
+                     "are fewer).", min=1),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per optimizer step on each process. (default 1)", min=1),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, bf16 or fp16. (default fp32 on CPU, bf16 on CUDA)"),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from DIR/train-state exactly.")
     ] = False,
@@ -212,8 +230,17 @@ def train_command(
         init_from=init_from,
         device=device,
         loader_workers=loader_workers,
+        grad_accum=grad_accum,
+        precision=precision,
     )
-    summary = training.train([str(s) for s in slides], output, options, resume=resume, overwrite=overwrite)
+    paths = [str(s) for s in slides]
+    if workers is None and gpus is None:  # this process (or one rank of accelerate launch/torchrun)
+        summary = training.train(paths, output, options, resume=resume, overwrite=overwrite)
+    else:
+        from ..training import launch
+
+        summary = launch.train_job(paths, output, options, workers=workers, gpus=gpus,
+                                   resume=resume, overwrite=overwrite)
     state = "finished" if summary["finished"] else "stopped (resume with --resume)"
     typer.echo(f"{state} at step {summary['step']}: {summary['checkpoint']}")
 

@@ -26,6 +26,7 @@ RUN_CONTROL = (
 )
 MPP_SAMPLING = ("uniform", "log-uniform")
 DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ class TrainConfig:
     #: loader processes per training process (None: min(4, CPUs per training process)); the
     #: patches are the same for any number, so it may change on --resume
     loader_workers: int | None = None
+    #: micro-batches per optimizer step on each process (gradients summed, then one update)
+    grad_accum: int = 1
+    #: fp32 | bf16 | fp16; None: fp32 on CPU, bf16 on CUDA (fp16 where bf16 is not supported)
+    precision: str | None = None
 
     def __post_init__(self):
         # lists from JSON or Python callers become tuples, so equal configs compare equal
@@ -105,6 +110,10 @@ class TrainConfig:
             )
         if self.loader_workers is not None and not 0 <= self.loader_workers <= 64:
             raise UsageError(f"--loader-workers must lie in 0…64 (got {self.loader_workers})")
+        if self.grad_accum < 1:
+            raise UsageError(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.precision not in (None, *PRECISIONS):
+            raise UsageError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be cpu, cuda or auto (got {self.device!r})")
 

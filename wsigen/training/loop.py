@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..errors import UsageError, WsigenError
 from ..method import edm
 from ..slides import checkpoint
@@ -166,12 +167,13 @@ def train(
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise WsigenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    precision = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    acc = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    acc = Accelerator(cpu=use_cpu, mixed_precision=_precision(cfg.precision, use_cpu))
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
-    if cfg.batch % world:
-        raise UsageError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    if cfg.batch % (world * cfg.grad_accum):
+        raise UsageError(f"--batch {cfg.batch} is not divisible by the {world} processes × "
+                         f"--grad-accum {cfg.grad_accum}")
     local_batch = cfg.batch // world
+    micro = local_batch // cfg.grad_accum
 
     sampler = _sampler(cfg, slides)
     sampling = default_sampling(cfg, sampler.mpp_min, sampler.mpp_max)
@@ -263,13 +265,19 @@ def train(
         while step < cfg.max_steps:
             # one optimizer step: a keyed batch, the EDM loss, a clipped and sanitised update
             x, s = next(batches)
-            gen = keyed.loss_generator(cfg.seed, step, rank, 0, x.device)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             net.train()
-            with acc.autocast(), keyed.dropout_masks(cfg.seed, step, rank, 0, x.device):
-                loss = edm.edm_loss(_Loss(net, sigma_data), x, s, gen)
-            acc.backward(loss)
+            loss = 0.0
+            for m in range(cfg.grad_accum):  # micro-batches; gradients meet (DDP) at the last
+                last_micro = m == cfg.grad_accum - 1
+                part = slice(m * micro, (m + 1) * micro)
+                gen = keyed.loss_generator(cfg.seed, step, rank, m, x.device)
+                with contextlib.nullcontext() if last_micro else acc.no_sync(net):
+                    with acc.autocast(), keyed.dropout_masks(cfg.seed, step, rank, m, x.device):
+                        part_loss = edm.edm_loss(_Loss(net, sigma_data), x[part], s[part], gen)
+                    acc.backward(part_loss if cfg.grad_accum == 1 else part_loss / cfg.grad_accum)
+                loss = loss + part_loss.detach() / cfg.grad_accum
             if cfg.grad_clip:
                 acc.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             for p in net.parameters():  # a NaN/Inf gradient must not poison the weights
@@ -322,6 +330,7 @@ def train(
                         file=sys.stderr,
                     )
                 raise SystemExit(128 + signum)
+            faults.point("train-step")  # crash tests: a rank killed between steps
             if timed_out:
                 break
         if last_ckpt != step or not (out / "model.safetensors").exists():
@@ -338,6 +347,15 @@ def train(
         "checkpoint": str(out / "model.safetensors"),
         "config": ckpt_cfg,
     }
+
+
+def _precision(precision: str | None, cpu: bool) -> str:
+    """Accelerate's mixed_precision for --precision (None: fp32 on CPU, bf16 or fp16 on CUDA)."""
+    if precision is None:
+        return "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "fp16" and cpu:
+        raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    return {"fp32": "no"}.get(precision, precision)
 
 
 @torch.no_grad()
