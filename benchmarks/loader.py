@@ -50,29 +50,28 @@ class Periodic:
         return self.base[sel[0]][:, ys][:, :, xs]
 
 
-def _levels() -> list[Periodic]:
-    import openslide
+def _levels(side: int) -> list[Periodic]:
+    import tifffile  # not OpenSlide: a GPU machine may not have it
 
     from wsigen.slides.pyramid import downsample2
 
-    with openslide.OpenSlide(str(SOURCE)) as o:
-        rgb = np.asarray(o.read_region((86, 460), 0, (PERIOD, PERIOD)))[:, :, :3]
+    rgb = tifffile.imread(SOURCE)[460 : 460 + PERIOD, 86 : 86 + PERIOD, :3]
     base = np.ascontiguousarray(rgb.transpose(2, 0, 1))
-    out, side = [], SIDE
-    while side >= 512:
+    out = []
+    while side >= 512 or not out:
         out.append(Periodic(base, side))
         side //= 2
         base = downsample2(base)
     return out
 
 
-def build(path: Path, fmt: str) -> None:
+def build(path: Path, fmt: str, full: int = SIDE) -> None:
     """Write the benchmark slide (``tif`` or ``svs``) to ``path`` atomically."""
     import tifffile
 
     from wsigen.slides.export_tiles import Codec, encoded_tiles
 
-    codec, levels = Codec("jpeg", 90), _levels()
+    codec, levels = Codec("jpeg", 90), _levels(full)
     tmp = path.with_suffix(path.suffix + ".part")
     common = dict(dtype=np.uint8, tile=(TILE, TILE), photometric="rgb", planarconfig="contig",
                   resolutionunit="CENTIMETER", metadata=None, **codec.tiff_args())
@@ -80,33 +79,35 @@ def build(path: Path, fmt: str) -> None:
     with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for i, lvl in enumerate(levels):
             side = lvl.shape[1]
-            s = MPP * SIDE / side
+            s = MPP * full / side
             kw = dict(common, shape=(side, side, 3), resolution=(1e4 / s, 1e4 / s))
             if fmt == "tif":
                 kw.update(subifds=len(levels) - 1) if i == 0 else kw.update(subfiletype=1)
             else:
-                head = f"Aperio Image Library wsigen-benchmark\r\n{SIDE}x{SIDE}"
+                head = f"Aperio Image Library wsigen-benchmark\r\n{full}x{full}"
                 kw["description"] = (
-                    f"{head} [0,0 {SIDE}x{SIDE}] ({TILE}x{TILE}) JPEG/RGB Q=90|AppMag = 40|MPP = {MPP}"
+                    f"{head} [0,0 {full}x{full}] ({TILE}x{TILE}) JPEG/RGB Q=90|AppMag = 40|MPP = {MPP}"
                     if i == 0 else f"{head} -> {side}x{side} - |MPP = {s}")
             tif.write(encoded_tiles(lvl, TILE, codec, os.cpu_count() or 1), **kw)
             if fmt == "svs" and i == 0:  # Aperio's second directory: a stripped thumbnail
                 th = np.ascontiguousarray(levels[-1][:].transpose(1, 2, 0))
                 tif.write(th, photometric="rgb", rowsperstrip=th.shape[0], metadata=None,
-                          description=f"Aperio Image Library wsigen-benchmark\r\n{SIDE}x{SIDE} -> "
-                                      f"{th.shape[1]}x{th.shape[0]} - |MPP = {MPP * SIDE / th.shape[1]}")
+                          description=f"Aperio Image Library wsigen-benchmark\r\n{full}x{full} -> "
+                                      f"{th.shape[1]}x{th.shape[0]} - |MPP = {MPP * full / th.shape[1]}")
     tmp.rename(path)
     print(f"built {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
 
 
-def slides(work: Path) -> dict[str, Path]:
+def slides(work: Path, side: int = SIDE, formats=("tif", "svs")) -> dict[str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, fmt in (("tifffile", "tif"), ("openslide", "svs")):
-        p = work / f"loader-{SIDE}.{fmt}"
+        if fmt not in formats:
+            continue
+        p = work / f"loader-{side}.{fmt}"
         if not p.exists():
-            build(p, fmt)
+            build(p, fmt, side)
         out[name] = p
     return out
 
@@ -170,11 +171,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--side", type=int, default=SIDE, help="side of the built slides (power of 2)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only build the pyramidal TIFF (no OpenSlide needed) and print its path")
     args = ap.parse_args()
+    if args.build_only:
+        print(slides(args.work, args.side, formats=("tif",))["tifffile"])
+        return
     if args.slide:
         paths = {Path(p).name: Path(p) for p in args.slide}
     else:
-        paths = slides(args.work)
+        paths = slides(args.work, args.side)
         check_backends(paths)
     res = {"patch": args.patch, "mpp": [args.mpp_min, args.mpp_max], "workers": args.workers,
            "seconds": args.seconds, "cpu_count": os.cpu_count(), "paths": {}}
