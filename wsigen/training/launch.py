@@ -108,9 +108,7 @@ def _rank(rank: int, env: dict, jobdir: str, args: tuple) -> None:
             kind, code = "interrupted", int(e.code or 0)
         msg = str(e) if isinstance(e, WsigenError) else (
             "interrupted" if kind == "interrupted" else f"{type(e).__name__}: {e}")
-        data = {"ok": False, "kind": kind, "code": code, "message": msg}
-        if kind == "error":
-            print(f"wsigen: training rank {rank} of {env['WORLD_SIZE']}: {msg}", file=sys.stderr, flush=True)
+        data = {"ok": False, "kind": kind, "code": code, "message": msg}  # the launcher says it
     tmp = report.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, default=str))
     os.replace(tmp, report)
@@ -145,9 +143,11 @@ def _failure(n: int, device: str, out: str, reports: dict, codes: dict, stopped:
         from ..run.stopping import Terminated
 
         return Terminated() if any(why(r)[2] == 143 for r in failed) else KeyboardInterrupt()
+    from .state import has_state
+
     flag = f"--workers {n} --device cpu" if device == "cpu" else f"--gpus {n}"
     hint = (f"the last checkpoint resumes exactly: run the same command with --resume -o {out} {flag} "
-            "(the same number of processes)")
+            "(the same number of processes)" if has_state(Path(out)) else "nothing was saved yet")
     if order in (0, 5):
         return WsigenError(f"training rank {first} of {n} {msg}; the other ranks were stopped. {hint}")
     text = f"training rank {first} of {n}: {msg}"
