@@ -115,3 +115,28 @@ def test_opaque_rgba_is_the_colour_exactly():
     got = pixels.to_rgb8(a)
     assert got.flags.c_contiguous
     np.testing.assert_array_equal(got, a[..., :3])
+
+
+@pytest.mark.parametrize("kind", ["rgb-jpeg", "rgb-deflate", "grey", "rgba"])
+def test_direct_tile_reads_equal_zarr(tmp_path, kind):
+    import tifffile
+
+    from wsigen.slides import readers
+
+    rng = np.random.default_rng(11)
+    shape = {"grey": (333, 290), "rgba": (333, 290, 4)}.get(kind, (333, 290, 3))
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    p = tmp_path / "t.tif"
+    comp = "jpeg" if kind == "rgb-jpeg" else "zlib"
+    tifffile.imwrite(p, img, tile=(64, 48), compression=comp,
+                     photometric="minisblack" if kind == "grey" else "rgb",
+                     extrasamples=[2] if kind == "rgba" else None,
+                     resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    with readers.open_image(p) as s:
+        assert s._tiles[0] is not None  # the direct path is taken
+        arr, _ = s._arrays[0]
+        for _ in range(20):
+            w, h = (int(v) for v in rng.integers(1, 200, 2))
+            x, y = int(rng.integers(0, 290 - w + 1)), int(rng.integers(0, 333 - h + 1))
+            want = readers.to_rgb8(np.asarray(arr[y : y + h, x : x + w]).reshape(h, w, -1))
+            np.testing.assert_array_equal(s.read_region(x, y, w, h), want)
