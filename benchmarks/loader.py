@@ -16,6 +16,7 @@ once (each opens its own slides after the fork) and reports patches/s per proces
     .venv/bin/python benchmarks/loader.py --json
     .venv/bin/python benchmarks/loader.py --workers 2 --seconds 20
     .venv/bin/python benchmarks/loader.py --slide my.svs --mpp-max 8
+    .venv/bin/python benchmarks/loader.py --via-loader --workers 2   # through training's DataLoader
 """
 
 from __future__ import annotations
@@ -142,6 +143,27 @@ def _reader(path: str, args, seconds: float, rank: int, start, q) -> None:
     q.put((n / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / n))
 
 
+def measure_loader(path: Path, args) -> dict:
+    """Patches/s through the training loader itself: ``--workers`` DataLoader processes, one
+    consumer (what ``wsigen train --loader-workers N`` gives the optimizer)."""
+    from wsigen.training import data, loader
+
+    sd = data.load_slides([str(path)], mpp=args.mpp)
+    sampler = data.PatchSampler(sd, args.patch, args.mpp_min, args.mpp_max)
+    batch = 8
+    b = loader.Batches(sampler, args.seed, 0, batch, 0, 10**6, args.workers, "cpu")
+    try:
+        next(b)  # workers started, first batches read
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            next(b)
+            n += batch
+        rate = n / (time.perf_counter() - t0)
+    finally:
+        b.close()
+    return {"slide": str(path), "loader_workers": args.workers, "total": round(rate, 2)}
+
+
 def measure(path: Path, args) -> dict:
     ctx = mp.get_context("fork")  # the parent has opened no slide: nothing is shared
     q, start = ctx.Queue(), ctx.Barrier(args.workers)
@@ -171,6 +193,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--via-loader", action="store_true",
+                    help="read through the training DataLoader with --workers loader processes")
     ap.add_argument("--side", type=int, default=SIDE, help="side of the built slides (power of 2)")
     ap.add_argument("--build-only", action="store_true",
                     help="only build the pyramidal TIFF (no OpenSlide needed) and print its path")
@@ -186,6 +210,12 @@ def main() -> None:
     res = {"patch": args.patch, "mpp": [args.mpp_min, args.mpp_max], "workers": args.workers,
            "seconds": args.seconds, "cpu_count": os.cpu_count(), "paths": {}}
     for name, p in paths.items():
+        if args.via_loader:
+            res["paths"][name] = r = measure_loader(p, args)
+            if not args.json:
+                print(f"{name:10s} {r['total']:7.1f} patches/s through the loader "
+                      f"({args.workers} loader worker(s))")
+            continue
         res["paths"][name] = measure(p, args)
         if not args.json:
             r = res["paths"][name]

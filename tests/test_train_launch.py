@@ -77,3 +77,17 @@ def test_grad_accum_runs_and_keeps_the_batch(slides, tmp_path):
     r = invoke("train", slides, "-o", out, "--max-steps", "2", "--grad-accum", "2", *TINY)
     assert r.exit_code == 0, r.output
     assert checkpoint.load_model(out).config["training"]["batch"] == 4
+
+
+def test_joining_an_external_job(monkeypatch):
+    from wsigen.errors import UsageError
+    from wsigen.training import launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.processes_for(None, None, "cpu") == (0, "cpu")  # one rank of torchrun's job
+    assert launch.processes_for(2, None, "cpu") == (0, "cpu")
+    assert launch.processes_for(None, 2, "auto") == (0, "cuda")
+    with pytest.raises(UsageError, match="WORLD_SIZE=2"):
+        launch.processes_for(3, None, "cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert launch.processes_for(None, None, "cpu") == (1, "cpu")
