@@ -23,12 +23,17 @@ def invoke(*args):
     return r
 
 
-def wsigen(*args, fault: str | None = None, fsize: int | None = None) -> subprocess.CompletedProcess:
-    """Run ``wsigen ARGS`` in a fresh process, optionally with a fault point or a file-size limit."""
+def wsigen(*args, fault: str | None = None, fsize: int | None = None,
+           fault_rank: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``wsigen ARGS`` in a fresh process, optionally with a fault point (only on rank
+    ``fault_rank`` if given) or a file-size limit."""
     env = {**os.environ, "WSIGEN_NO_PROGRESS": "1"}
     env.pop("WSIGEN_FAULT", None)
+    env.pop("WSIGEN_FAULT_RANK", None)
     if fault:
         env["WSIGEN_FAULT"] = fault
+    if fault_rank is not None:
+        env["WSIGEN_FAULT_RANK"] = str(fault_rank)
 
     def limit():
         if fsize:

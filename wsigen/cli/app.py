@@ -159,11 +159,17 @@ def sample(
 @command()
 def model_init(
     output: Output,
-    width: Annotated[int, typer.Option(help="Base channel width.", min=4)] = 16,
-    mults: Annotated[str, typer.Option(help="Channel multipliers per level, comma-separated.")] = "1,2,2",
-    blocks: Annotated[int, typer.Option(help="Residual blocks per level.", min=1)] = 1,
-    attn: Annotated[str, typer.Option(help="Levels with self-attention, comma-separated (0 = full res).")] = "",
-    patch: Annotated[int, typer.Option(help="Patch size M.", min=8)] = 64,
+    arch: Annotated[str | None, typer.Option(
+        help="Network: small, paper or a JSON file of UNet fields (as wsigen train --arch); "
+             "the options below override single fields. Without it: a tiny test net.")] = None,
+    width: Annotated[int | None, typer.Option(help="Base channel width. (default 16)", min=4)] = None,
+    mults: Annotated[str | None, typer.Option(
+        help="Channel multipliers per level, comma-separated. (default 1,2,2)")] = None,
+    blocks: Annotated[int | None, typer.Option(help="Residual blocks per level. (default 1)", min=1)] = None,
+    attn: Annotated[str | None, typer.Option(
+        "--attn", "--attn-levels", help="Levels with self-attention, comma-separated (0 = full res).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout in the residual blocks. (default 0)")] = None,
+    patch: Annotated[int | None, typer.Option(help="Patch size M. (default 64, or the arch's)", min=8)] = None,
     mpp_min: Annotated[float, typer.Option(help="Lowest trained µm/px.")] = 0.25,
     mpp_max: Annotated[float, typer.Option(help="Highest trained µm/px.")] = 256.0,
     final_mpp: Annotated[float, typer.Option(help="Default final µm/px.")] = 1.0,
@@ -174,24 +180,36 @@ def model_init(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the config as JSON.")] = False,
 ):
-    """Create an untrained UNet checkpoint (for tests and speed measurements)."""
+    """Create an untrained UNet checkpoint (for tests, speed measurements, or --init-from)."""
     from ..errors import UsageError
+    from ..nets import UNetConfig, archs
     from ..slides import checkpoint
 
+    try:
+        m = tuple(int(v) for v in mults.split(",") if v.strip()) if mults is not None else None
+    except ValueError:
+        raise UsageError("--mults takes comma-separated integers") from None
+    a = archs.parse_levels(attn, "--attn")
+    if arch is not None:
+        base = archs.resolve(arch)
+        net, patch = base.net, patch if patch is not None else base.patch
+    else:  # the tiny test net this command has always made
+        net, patch = UNetConfig(width=16), patch if patch is not None else 64
+    net = archs.override(net, width=width, mults=m, blocks=blocks, attn_levels=a, dropout=dropout)
+    if patch % 2 ** (len(net.mults) - 1):
+        raise UsageError(f"--patch {patch} must be a multiple of {2 ** (len(net.mults) - 1)} "
+                         f"(for {len(net.mults)} UNet levels)")
     if output.exists() and not overwrite:
         raise WsigenError(f"output {output} exists; pass --overwrite to replace it")
-    try:
-        m = tuple(int(v) for v in mults.split(",") if v.strip())
-        a = tuple(int(v) for v in attn.split(",") if v.strip())
-    except ValueError:
-        raise UsageError("--mults and --attn take comma-separated integers") from None
-    sha = checkpoint.init_model(output, {"width": width, "mults": list(m), "blocks": blocks,
-                                         "attn_levels": list(a)}, seed=seed, patch=patch,
+    arch_d = {"width": net.width, "mults": list(net.mults), "blocks": net.blocks,
+              "attn_levels": list(net.attn_levels), "dropout": net.dropout, "emb_freqs": net.emb_freqs}
+    sha = checkpoint.init_model(output, arch_d, seed=seed, patch=patch,
                                 mpp_range=[mpp_min, mpp_max], final_mpp=final_mpp,
                                 recommended_size=recommended_size, steps=steps, guided_steps=guided_steps)
     cfg = checkpoint.read_config(output)
+    mults_text = ",".join(map(str, net.mults))
     _emit({"output": str(output), "sha256": sha, "config": cfg}, as_json,
-          f"wrote {output} (sha256 {sha[:12]}…, patch {patch}, width {width}, mults {mults})")
+          f"wrote {output} (sha256 {sha[:12]}…, patch {patch}, width {net.width}, mults {mults_text})")
 
 
 @model_app.command("info")

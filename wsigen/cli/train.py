@@ -80,6 +80,25 @@ def train_command(
         str | None,
         typer.Option(help="UNet channel multipliers per level, e.g. 1,2,2. (default 1,2,2)"),
     ] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Network: small (default), paper (Harb et al.: M=512, width 64, mults "
+            "1,2,2,4,4,4, 2 blocks, attention at 32² and 16², dropout 0.1) or a JSON file of "
+            "UNet fields. --patch/--width/--mults/--blocks/--attn-levels/--dropout override it."
+        ),
+    ] = None,
+    blocks: Annotated[
+        int | None, typer.Option(help="Residual blocks per UNet level. (default 1)", min=1)
+    ] = None,
+    attn_levels: Annotated[
+        str | None,
+        typer.Option(help="UNet levels with self-attention, e.g. 4,5 (0 = full resolution; "
+                     "'none'). (default none)"),
+    ] = None,
+    dropout: Annotated[
+        float | None, typer.Option(help="Dropout in the residual blocks, 0..1. (default 0)")
+    ] = None,
     mpp_min: Annotated[
         float | None, typer.Option(help="Finest µm/px trained. (default the slides' native µm/px)")
     ] = None,
@@ -148,6 +167,30 @@ def train_command(
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto. (default auto)")] = None,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option(help="Patch-reading processes per training process, prefetching ahead of "
+                     "the optimizer; the patches are the same for any number. (default "
+                     "min(4, CPUs per training process))", min=0, max=64),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Training processes (with --device cpu: gloo), started and watched "
+                     "here; --batch is split over them.", min=1),
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(help="CUDA training processes, one device each (an error where there "
+                     "are fewer).", min=1),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(help="Micro-batches per optimizer step on each process. (default 1)", min=1),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, bf16 or fp16. (default fp32 on CPU, bf16 on CUDA)"),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from DIR/train-state exactly.")
     ] = False,
@@ -157,6 +200,7 @@ def train_command(
 ) -> None:
     """Train a denoiser on your slides (EDM loss at random µm/px); writes DIR/model.safetensors."""
     from .. import training
+    from ..nets import archs
 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite cannot be used together")
@@ -166,9 +210,10 @@ def train_command(
         time_limit=_duration(time_limit),
         batch=batch,
         lr=lr,
-        patch=patch,
-        width=width,
-        mults=_mults(mults),
+        **training.arch_options(
+            arch, patch=patch, width=width, mults=_mults(mults), blocks=blocks,
+            attn_levels=archs.parse_levels(attn_levels), dropout=dropout,
+        ),
         mpp_min=mpp_min,
         mpp_max=mpp_max,
         mpp_sampling=mpp_sampling,
@@ -184,8 +229,18 @@ def train_command(
         seed=seed,
         init_from=init_from,
         device=device,
+        loader_workers=loader_workers,
+        grad_accum=grad_accum,
+        precision=precision,
     )
-    summary = training.train([str(s) for s in slides], output, options, resume=resume, overwrite=overwrite)
+    paths = [str(s) for s in slides]
+    if workers is None and gpus is None:  # this process (or one rank of accelerate launch/torchrun)
+        summary = training.train(paths, output, options, resume=resume, overwrite=overwrite)
+    else:
+        from ..training import launch
+
+        summary = launch.train_job(paths, output, options, workers=workers, gpus=gpus,
+                                   resume=resume, overwrite=overwrite)
     state = "finished" if summary["finished"] else "stopped (resume with --resume)"
     typer.echo(f"{state} at step {summary['step']}: {summary['checkpoint']}")
 

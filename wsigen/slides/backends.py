@@ -61,6 +61,10 @@ class OpenSlideSlide(Slide):
             img = self._osr.read_region((int(round(x * d)), int(round(y * d))), level, (w, h))
         except Exception as e:  # openslide raises OpenSlideError subclasses and others
             raise WsigenError(f"{self.path}: cannot read region ({e})") from None
+        if img.mode == "RGBA" and img.getchannel("A").getextrema() == (255, 255):
+            # opaque (inside the scanned area): Pillow drops alpha in C, ~5× faster than numpy's
+            # strided 4→3-byte copy; pixels exactly as to_rgb8 would give
+            return np.array(img.convert("RGB"))  # a writable copy, as to_rgb8 returns
         return to_rgb8(np.asarray(img), self.background, str(self.path))
 
 
@@ -73,6 +77,7 @@ class TiffSlide(Slide):
         self._tf = tf
         series = tf.series[0]
         self._arrays = []
+        self._tiles = []  # per level: its TiffPage where tiles can be decoded directly, else None
         levels = []
         for i, lvl in enumerate(series.levels):
             axes = lvl.axes.upper()
@@ -80,6 +85,7 @@ class TiffSlide(Slide):
                 raise WsigenError(f"{path}: the image has no Y/X axes ({lvl.axes})")
             arr = zarr.open(series.aszarr(level=i), mode="r")
             self._arrays.append((arr, axes))
+            self._tiles.append(_tile_page(lvl, axes))
             h, w = lvl.shape[axes.index("Y")], lvl.shape[axes.index("X")]
             levels.append((w, h, None))
         w0 = levels[0][0]
@@ -96,6 +102,10 @@ class TiffSlide(Slide):
         self._tf.close()
 
     def _read(self, level, x, y, w, h):
+        page = self._tiles[level]
+        if page is not None:
+            return to_rgb8(_read_tiles(self._tf.filehandle, page, x, y, w, h), self.background,
+                           str(self.path))
         arr, axes = self._arrays[level]
         picks = (None,) if self._pick is None else self._planes.indices()
         a = np.concatenate([self._plane(arr, axes, x, y, w, h, i) for i in picks], axis=2)
@@ -116,6 +126,43 @@ class TiffSlide(Slide):
         order = [kept.index("Y"), kept.index("X")] + [i for i, ax in enumerate(kept) if ax == "S"]
         a = a.transpose(order)
         return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _tile_page(level, axes: str):
+    """The level's one tiled, pixel-interleaved page (YX or YXS), whose tiles ``_read_tiles``
+    decodes straight from the file; None for anything else (read through zarr).
+
+    For random patch reads zarr's chunk machinery (asyncio, codec pipeline) costs about as much
+    as the JPEG decoding itself: reading the tiles directly takes ~40 % less CPU per region.
+    """
+    try:
+        page = level.keyframe
+        ok = (len(level.pages) == 1 and axes in ("YX", "YXS") and page.is_tiled
+              and page.tiledepth == 1 and (page.samplesperpixel == 1 or page.planarconfig == 1))
+        return page if ok else None
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _read_tiles(fh, page, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """Pixels [y, y+h) × [x, x+w) of a tiled page: each overlapping tile read and decoded once."""
+    th, tw = page.tilelength, page.tilewidth
+    across = -(-page.imagewidth // tw)
+    spp = page.samplesperpixel
+    out = np.zeros((h, w, spp), page.dtype)  # a missing tile (byte count 0) reads as 0
+    offsets, counts, decode = page.dataoffsets, page.databytecounts, page.decode
+    for ty in range(y // th, (y + h - 1) // th + 1):
+        for tx in range(x // tw, (x + w - 1) // tw + 1):
+            k = ty * across + tx
+            if not counts[k]:
+                continue
+            fh.seek(offsets[k])
+            tile = decode(fh.read(counts[k]), k, jpegtables=page.jpegtables)[0]
+            tile = tile.reshape(tile.shape[-3], tile.shape[-2], spp)
+            y0, x0 = ty * th, tx * tw
+            a0, a1, b0, b1 = max(y, y0), min(y + h, y0 + th), max(x, x0), min(x + w, x0 + tw)
+            out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+    return out
 
 
 def _tiff_mpp(tf) -> float | None:

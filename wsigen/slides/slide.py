@@ -52,6 +52,8 @@ class Slide:
     def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Like ``_read`` but any box: what lies outside the image is background."""
         lw, lh, _ = self.levels[level]
+        if x >= 0 and y >= 0 and x + w <= lw and y + h <= lh:  # inside: no background to paint
+            return self._read(level, x, y, w, h)
         out = np.empty((h, w, 3), np.uint8)
         out[:] = np.asarray(self.background, np.uint8)
         ax0, ay0, ax1, ay1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
@@ -124,7 +126,7 @@ class ArraySlide(Slide):
         super().__init__(path, levels, mpp, background)
 
     def _read(self, level, x, y, w, h):
-        return self.pyramid[level][y : y + h, x : x + w]
+        return self.pyramid[level][y : y + h, x : x + w].copy()  # callers may write to it
 
 
 def cached(slide: Slide, max_pixels: int = 64 * 2**20) -> Slide:

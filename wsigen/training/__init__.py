@@ -7,9 +7,10 @@
 Names load on first use (torch with them), so ``python -m wsigen.training.plot`` starts quickly.
 """
 
-__all__ = ["TrainConfig", "TrainOptions", "loss_history", "train"]
+__all__ = ["TrainConfig", "TrainOptions", "arch_options", "loss_history", "train"]
 
-_WHERE = {"TrainConfig": "config", "TrainOptions": "config", "loss_history": "log", "train": "loop"}
+_WHERE = {"TrainConfig": "config", "TrainOptions": "config", "arch_options": "config",
+          "loss_history": "log", "train": "loop"}
 
 
 def __getattr__(name: str):

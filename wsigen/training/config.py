@@ -22,9 +22,11 @@ RUN_CONTROL = (
     "preview_every",
     "log_every",
     "device",
+    "loader_workers",
 )
 MPP_SAMPLING = ("uniform", "log-uniform")
 DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class TrainConfig:
     mults: tuple[int, ...] = (1, 2, 2)
     blocks: int = 1
     attn_levels: tuple[int, ...] = ()
+    dropout: float = 0.0
+    emb_freqs: int = 16
+    #: which --arch the network fields came from (small, paper or a JSON file): recorded, and a
+    #: --resume with another one is refused
+    arch_name: str = "small"
     batch: int = 16
     lr: float = 1e-3
     lr_warmup: int = 200
@@ -66,6 +73,13 @@ class TrainConfig:
     preview_every: int = 1000
     log_every: int = 10
     device: str = "auto"
+    #: loader processes per training process (None: min(4, CPUs per training process)); the
+    #: patches are the same for any number, so it may change on --resume
+    loader_workers: int | None = None
+    #: micro-batches per optimizer step on each process (gradients summed, then one update)
+    grad_accum: int = 1
+    #: fp32 | bf16 | fp16; None: fp32 on CPU, bf16 on CUDA (fp16 where bf16 is not supported)
+    precision: str | None = None
 
     def __post_init__(self):
         # lists from JSON or Python callers become tuples, so equal configs compare equal
@@ -84,6 +98,8 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive (got {self.lr})")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--dropout must lie in [0, 1) (got {self.dropout})")
         try:
             UNetConfig.from_dict(self.arch())
         except (TypeError, ValueError) as e:
@@ -92,6 +108,12 @@ class TrainConfig:
             raise UsageError(
                 f"--mpp-sampling must be uniform or log-uniform (got {self.mpp_sampling!r})"
             )
+        if self.loader_workers is not None and not 0 <= self.loader_workers <= 64:
+            raise UsageError(f"--loader-workers must lie in 0…64 (got {self.loader_workers})")
+        if self.grad_accum < 1:
+            raise UsageError(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.precision not in (None, *PRECISIONS):
+            raise UsageError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
         if self.device not in DEVICES:
             raise UsageError(f"--device must be cpu, cuda or auto (got {self.device!r})")
 
@@ -113,6 +135,8 @@ class TrainConfig:
             mults=tuple(self.mults),
             blocks=self.blocks,
             attn_levels=tuple(self.attn_levels),
+            emb_freqs=self.emb_freqs,
+            dropout=self.dropout,
         )
         d = {"name": "unet", **cfg.to_dict()}
         d.pop("extra", None)
@@ -151,12 +175,47 @@ class TrainOptions:
             for n in sorted(self.given)
             if n not in RUN_CONTROL and getattr(self.config, n) != getattr(saved, n)
         ]
+        net = {"arch_name", "width", "mults", "blocks", "attn_levels", "dropout", "emb_freqs", "patch"}
+        if "arch_name" in diff or ("arch_name" in self.given and net & set(diff)):
+            raise UsageError(
+                f"--resume with a different network (--arch {self.config.arch_name}, saved run: "
+                f"{saved.arch_name}, {', '.join(f'{n}={getattr(saved, n)!r}' for n in sorted(net & set(diff)))}); "
+                "a run cannot change its network (start a new one, or --init-from its model)"
+            )
         if diff:
             raise UsageError(
                 f"--resume with options that differ from the saved run: "
                 f"{', '.join(f'{n} (saved {getattr(saved, n)!r})' for n in diff)}"
             )
         return replace(saved, **{n: getattr(self.config, n) for n in RUN_CONTROL if n in self.given})
+
+
+def arch_options(
+    arch: str | None = None,
+    *,
+    patch: int | None = None,
+    width: int | None = None,
+    mults: tuple[int, ...] | None = None,
+    blocks: int | None = None,
+    attn_levels: tuple[int, ...] | None = None,
+    dropout: float | None = None,
+) -> dict[str, Any]:
+    """TrainConfig network fields for ``--arch`` (small, paper, FILE.json) with single-field
+    overrides; all None when nothing is given (the defaults, or on resume the saved network).
+
+    Given an arch, every network field counts as given, so ``--resume --arch X`` of a run
+    trained with another network is refused by :meth:`TrainOptions.resumed`.
+    """
+    from ..nets import archs
+
+    over = dict(width=width, mults=mults, blocks=blocks, attn_levels=attn_levels, dropout=dropout)
+    if arch is None:
+        return {"patch": patch, **over}
+    a = archs.resolve(arch)
+    net = archs.override(a.net, **over)
+    return {"arch_name": a.name, "patch": patch if patch is not None else a.patch,
+            "width": net.width, "mults": net.mults, "blocks": net.blocks,
+            "attn_levels": net.attn_levels, "dropout": net.dropout, "emb_freqs": net.emb_freqs}
 
 
 class SamplingDefaults(NamedTuple):

@@ -3,12 +3,18 @@
 A patch at s µm/px covers M·s µm; it is read from the best pyramid level and area-averaged to
 M × M, kept if the tissue mask (from a thumbnail) says it holds enough tissue, then flipped and
 rotated by a random element of the dihedral group. Every draw comes from the generator passed
-in: the caller keys it (seed, step, rank), so a resumed run sees exactly the same patches.
+in: the caller keys it per patch (``keyed.patch_rng``: seed, step, rank, index), so a resumed
+run, or one with another number of loader processes, sees exactly the same patches.
+
+Slide handles (OpenSlide, tifffile) are not fork-safe: a loader worker never uses its parent's.
+``PatchSampler.release`` closes them in the parent before workers start, and each process then
+opens its own on first read (``SlideData.reader``). In-memory slides are plain arrays, shared.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +24,7 @@ import torch
 from ..errors import UsageError, WsigenError
 from ..judge import stains
 from ..slides import readers
+from . import keyed
 
 DEFAULT_BACKGROUND = (242, 240, 244)
 
@@ -47,6 +54,24 @@ class SlideData:
     glass: np.ndarray | None
     stain: stains.StainModel | None = None
     integral: np.ndarray = field(init=False)
+    released: bool = field(default=False, init=False)
+    _handles: dict = field(default_factory=dict, init=False, repr=False)  # pid → own handle
+
+    def reader(self) -> readers.Slide:
+        """The slide to read pixels from in this process (see the module docstring)."""
+        if isinstance(self.slide, readers.ArraySlide) or not self.released:
+            return self.slide
+        pid = os.getpid()
+        h = self._handles.get(pid)
+        if h is None:
+            h = self._handles[pid] = readers.open_image(self.slide.path, mpp=self.slide.mpp)
+        return h
+
+    def release(self) -> None:
+        """Close this process's handle: from now on every process opens its own."""
+        if not isinstance(self.slide, readers.ArraySlide) and not self.released:
+            self.slide.close()
+            self.released = True
 
     def __post_init__(self):
         self.integral = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.float64)
@@ -198,12 +223,20 @@ class PatchSampler:
             if frac >= self.min_tissue:
                 break
         x, y = best
-        img = sd.slide.read_scaled(x, y, side, side, self.patch, self.patch)
+        img = sd.reader().read_scaled(x, y, side, side, self.patch, self.patch)
         if self.stain_target is not None and sd.stain is not None:
             img = stains.normalise(img, sd.stain, self.stain_target)
         if self.augment:
             img = dihedral(img, int(rng.integers(8)))
         return np.ascontiguousarray(img), s
+
+    def keyed_patch(self, seed: int, step: int, rank: int, index: int) -> tuple[np.ndarray, float]:
+        """Patch ``index`` of ``step`` on ``rank``: a function of those and the seed alone."""
+        return self.sample(keyed.patch_rng(seed, step, rank, index))
+
+    def release(self) -> None:
+        for sd in self.slides:
+            sd.release()
 
     def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x in [−1, 1], float32 (n, 3, M, M), and s (n,)."""

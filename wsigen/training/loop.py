@@ -1,12 +1,15 @@
 """The training loop: EDM loss conditioned on µm/px, AdamW, EMA, Accelerate, resumable state.
 
 ``DIR/model.safetensors`` holds the EMA weights and the sampling config; ``DIR/train-state/``
-(:mod:`.state`) holds what an exact resume needs. All randomness is keyed by (seed, step, rank)
-(:mod:`.keyed`), so a resumed run draws the same patches and noise as an uninterrupted one.
+(:mod:`.state`) holds what an exact resume needs. All randomness is keyed by (seed, step, rank, index)
+(:mod:`.keyed`), so a resumed run draws the same patches, noise and dropout masks as an
+uninterrupted one, whatever the number of loader processes (:mod:`.loader`) reading them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -16,14 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..errors import UsageError, WsigenError
 from ..method import edm
 from ..slides import checkpoint
-from . import data, keyed, log
+from . import data, keyed, loader, log
 from .config import TrainConfig, TrainOptions, default_sampling, ema_beta, learning_rate
 from .progress import ProgressBar
 from .sampling import grid_image, sample_patches, to_uint8, write_png
-from .state import OLD, PARTIAL, STATE_DIR, Reached, RunRecord, SavedState, has_state, load_state, save_state
+from .state import (
+    KEYS_VERSION,
+    OLD,
+    PARTIAL,
+    STATE_DIR,
+    Reached,
+    RunRecord,
+    SavedState,
+    has_state,
+    load_state,
+    save_state,
+)
 
 PREVIEW_DIR = "preview"
 
@@ -61,6 +76,12 @@ def _resolve(
         if not has_state(out):
             raise WsigenError(f"--resume: no training state in {out} (expected {out / STATE_DIR})")
         saved = load_state(out)
+        if saved.keys_version != KEYS_VERSION:
+            raise WsigenError(
+                f"--resume: {out / STATE_DIR} was written by an older wsigen whose patches and "
+                "noise are drawn differently, so it cannot be resumed exactly; start again with "
+                "--overwrite (or fine-tune its model with --init-from)"
+            )
         return options.resumed(saved.config), saved
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -146,12 +167,13 @@ def train(
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise WsigenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    precision = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    acc = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    acc = Accelerator(cpu=use_cpu, mixed_precision=_precision(cfg.precision, use_cpu))
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
-    if cfg.batch % world:
-        raise UsageError(f"--batch {cfg.batch} is not divisible by the {world} processes")
+    if cfg.batch % (world * cfg.grad_accum):
+        raise UsageError(f"--batch {cfg.batch} is not divisible by the {world} processes × "
+                         f"--grad-accum {cfg.grad_accum}")
     local_batch = cfg.batch // world
+    micro = local_batch // cfg.grad_accum
 
     sampler = _sampler(cfg, slides)
     sampling = default_sampling(cfg, sampler.mpp_min, sampler.mpp_max)
@@ -231,23 +253,31 @@ def train(
         write_png(out / PREVIEW_DIR / f"step-{step:07d}.png", img)
         write_png(out / "preview.png", img)
 
+    workers = cfg.loader_workers
+    if workers is None:
+        workers = loader.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    batches = loader.Batches(sampler, cfg.seed, rank, local_batch, step, cfg.max_steps, workers, acc.device)
     t_start = time.time()
     losses, last_ckpt = [], step
     bar = ProgressBar(main and progress, cfg.max_steps, step)
-    with _Stop() as stop, bar:
-        t_log, n_log = time.time(), 0
+    with _Stop() as stop, bar, contextlib.closing(batches):
+        t_log, n_log, wait_log = time.time(), 0, 0.0
         while step < cfg.max_steps:
             # one optimizer step: a keyed batch, the EDM loss, a clipped and sanitised update
-            g = keyed.step_rng(cfg.seed, step, rank, keyed.DATA)
-            x, s = sampler.batch(g, local_batch)
-            x, s = x.to(acc.device), s.to(acc.device)
-            gen = keyed.torch_generator(g, x.device)
+            x, s = next(batches)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             net.train()
-            with acc.autocast():
-                loss = edm.edm_loss(_Loss(net, sigma_data), x, s, gen)
-            acc.backward(loss)
+            loss = 0.0
+            for m in range(cfg.grad_accum):  # micro-batches; gradients meet (DDP) at the last
+                last_micro = m == cfg.grad_accum - 1
+                part = slice(m * micro, (m + 1) * micro)
+                gen = keyed.loss_generator(cfg.seed, step, rank, m, x.device)
+                with contextlib.nullcontext() if last_micro else acc.no_sync(net):
+                    with acc.autocast(), keyed.dropout_masks(cfg.seed, step, rank, m, x.device):
+                        part_loss = edm.edm_loss(_Loss(net, sigma_data), x[part], s[part], gen)
+                    acc.backward(part_loss if cfg.grad_accum == 1 else part_loss / cfg.grad_accum)
+                loss = loss + part_loss.detach() / cfg.grad_accum
             if cfg.grad_clip:
                 acc.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             for p in net.parameters():  # a NaN/Inf gradient must not poison the weights
@@ -272,7 +302,8 @@ def train(
             last = step == cfg.max_steps or timed_out or signum is not None
             if step % cfg.log_every == 0 or last:
                 mean = float(acc.gather(torch.tensor([np.mean(losses)], device=acc.device)).mean())
-                rate = n_log / max(time.time() - t_log, 1e-9)
+                span = max(time.time() - t_log, 1e-9)
+                rate, waiting = n_log / span, min((batches.waited - wait_log) / span, 1.0)
                 if main:
                     log.append_row(
                         out / log.LOG_FILE,
@@ -281,10 +312,11 @@ def train(
                         loss=round(mean, 6),
                         lr=learning_rate(cfg, step - 1),
                         images_per_s=round(rate, 2),
+                        data_wait=round(waiting, 3),
                         time=round(elapsed(), 1),
                     )
-                bar.update(step, mean, rate)
-                losses, t_log, n_log = [], time.time(), 0
+                bar.update(step, mean, rate, waiting)
+                losses, t_log, n_log, wait_log = [], time.time(), 0, batches.waited
             if cfg.preview_every and step % cfg.preview_every == 0:
                 preview()
             if step - last_ckpt >= cfg.checkpoint_every or timed_out or signum is not None:
@@ -298,6 +330,7 @@ def train(
                         file=sys.stderr,
                     )
                 raise SystemExit(128 + signum)
+            faults.point("train-step")  # crash tests: a rank killed between steps
             if timed_out:
                 break
         if last_ckpt != step or not (out / "model.safetensors").exists():
@@ -314,6 +347,15 @@ def train(
         "checkpoint": str(out / "model.safetensors"),
         "config": ckpt_cfg,
     }
+
+
+def _precision(precision: str | None, cpu: bool) -> str:
+    """Accelerate's mixed_precision for --precision (None: fp32 on CPU, bf16 or fp16 on CUDA)."""
+    if precision is None:
+        return "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if precision == "fp16" and cpu:
+        raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    return {"fp32": "no"}.get(precision, precision)
 
 
 @torch.no_grad()

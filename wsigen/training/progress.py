@@ -32,11 +32,12 @@ class ProgressBar:
                     MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"),
                     TextColumn("{task.fields[rate]} img/s"),
+                    TextColumn("data wait {task.fields[wait]}"),
                     TimeRemainingColumn(),
                     console=self.console,
                 )
                 self.task = self.bar.add_task(
-                    "train", total=total, completed=start, loss="…", rate="…"
+                    "train", total=total, completed=start, loss="…", rate="…", wait="…"
                 )
 
     def __enter__(self):
@@ -51,15 +52,19 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, step: int, loss: float, rate: float):
+    def update(self, step: int, loss: float, rate: float, waiting: float = 0.0):
+        """``rate``: images/s over all processes; ``waiting``: share of the time spent waiting
+        for the loader (near 0: the loader keeps up; near 1: the run is starved of data)."""
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}")
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.1f}",
+                            wait=f"{100 * waiting:.0f}%")
         elif time.time() - self.last_print > 30 or step == self.total:
             self.last_print = time.time()
             print(
-                f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} img/s",
+                f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} img/s  "
+                f"data wait {100 * waiting:.0f}%",
                 file=sys.stderr,
                 flush=True,
             )

@@ -90,7 +90,9 @@ def save_state(
         "optimizer": meta,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": {
-            "scheme": "keyed by (seed, TRAIN, step, rank) via wsigen.method.keys; nothing else to restore"
+            "scheme": "keyed by (seed, TRAIN, what, step, rank, index) via wsigen.method.keys; "
+                      "nothing else to restore",
+            "version": KEYS_VERSION,
         },
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -99,6 +101,12 @@ def save_state(
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+#: The keyed-randomness scheme of a train-state. 2 (issue 13): one key per patch, per loss
+#: noise and per dropout draw; states without it drew a step from one stream and cannot be
+#: resumed exactly.
+KEYS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,10 @@ class SavedState:
     @property
     def slide_names(self) -> list[str]:
         return [d["name"] for d in self.info.get("slides", [])]
+
+    @property
+    def keys_version(self) -> int:
+        return int(self.info.get("rng", {}).get("version", 1))
 
     @property
     def scaler(self) -> dict | None:
