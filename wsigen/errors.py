@@ -11,3 +11,7 @@ class UsageError(WsigenError):
     """Options that cannot work together or are out of range: exit code 2."""
 
     exit_code = 2
+
+
+class PeerLost(WsigenError):
+    """A collective or point-to-point transfer failed: another worker has died or stopped."""

@@ -13,17 +13,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..errors import WsigenError
+from ..errors import PeerLost, WsigenError  # noqa: F401  (PeerLost: raised here, imported from here)
 from ..method.canvas import Band
 from ..method.gridshift import split_even
 from .sampler import Progress
 from .topology import Span, Topology, hull
 
 ROW_BYTES = 3 * 4  # float32 RGB (a float16 state moves half)
-
-
-class PeerLost(WsigenError):
-    """A collective or point-to-point transfer failed: another worker has died or stopped."""
 
 
 def intersect(a: Span, b: Span) -> Span:

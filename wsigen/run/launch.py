@@ -215,8 +215,8 @@ def _spawn(job: Job) -> dict:
         for p in procs:
             p.start()
         stopped: set[int] = set()
-        interrupt = _watch(procs, stopped, multiprocessing.connection.wait)
-        reports = _reports(jobdir, job.nprocs)
+        interrupt = processes.watch(procs, stopped, multiprocessing.connection.wait)
+        reports = processes.read_reports(jobdir, job.nprocs)
     if job.count is not None and (Path(job.output) / MANIFEST).is_file():
         # the statuses say what the stores say, also after a failed worker
         write_manifest(Path(job.output), json.loads((Path(job.output) / MANIFEST).read_text()))
@@ -226,62 +226,6 @@ def _spawn(job: Job) -> dict:
     if any(codes.values()) or any(not (reports.get(r) or {}).get("ok") for r in codes):
         raise _job_error(job, reports, codes, stopped)
     return reports[0]["summary"]
-
-
-GRACE_S = 15.0  # after a failure: how long the other workers get to stop before SIGKILL
-
-
-def _watch(procs, stopped: set[int], wait) -> KeyboardInterrupt | None:
-    """Wait for every worker; at the first non-zero exit stop the others (SIGTERM, then SIGKILL).
-
-    Workers sit in their own process group, so Ctrl-C and SIGTERM reach only this process, which
-    passes each on: the first lets every worker finish its step and save the state (the ranks
-    agree on the step), a second stops them at once. Returns the interrupt to re-raise, if any.
-    """
-    import time
-
-    running = {p.sentinel: r for r, p in enumerate(procs) if p.exitcode is None}
-    deadline, interrupt = None, None
-    while running:
-        try:
-            for sentinel in wait(list(running), timeout=0.5):
-                r = running.pop(sentinel)
-                procs[r].join()
-                code = procs[r].exitcode
-                # 130/143: an interrupted worker; the ranks agree on stopping by themselves
-                if code not in (0, 130, 143) and deadline is None and interrupt is None:
-                    _stop(procs, stopped, signal.SIGTERM)
-                    deadline = time.monotonic() + GRACE_S
-            if deadline is not None and time.monotonic() > deadline:
-                _stop(procs, stopped, signal.SIGKILL)
-                deadline = float("inf")
-        except KeyboardInterrupt as e:
-            from .stopping import Terminated
-
-            sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-            _stop(procs, set(), sig)
-            if interrupt is not None and deadline is None:  # the second: stop now
-                deadline = time.monotonic() + GRACE_S
-            interrupt = interrupt or e
-    return interrupt
-
-
-def _stop(procs, stopped: set[int], sig) -> None:
-    for r, p in enumerate(procs):
-        if p.exitcode is None and p.pid:
-            stopped.add(r)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
-
-
-def _reports(jobdir: str, n: int) -> dict[int, dict]:
-    out = {}
-    for r in range(n):
-        p = Path(jobdir) / f"rank-{r}.json"
-        if p.exists():
-            with contextlib.suppress(ValueError, OSError):
-                out[r] = json.loads(p.read_text())
-    return out
 
 
 def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
@@ -371,7 +315,7 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
         _report(job, rank, {"ok": True, "summary": summary if rank == 0 else None})
         return summary if rank == 0 else None
     except BaseException as e:
-        kind, code = _classify(e)
+        kind, code = processes.classify(e)
         msg = str(e) if isinstance(e, WsigenError) else (
             "interrupted" if kind == "interrupted" else f"{type(e).__name__}: {e}")
         _report(job, rank, {"ok": False, "kind": kind, "code": code, "message": msg})
@@ -387,22 +331,6 @@ def _rank_main(job: Job, joined: bool) -> dict | None:
     finally:
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-
-
-def _classify(e: BaseException) -> tuple[str, int]:
-    from .distributed import PeerLost
-
-    if isinstance(e, PeerLost):
-        return "lost", 1
-    if isinstance(e, KeyboardInterrupt):
-        from .stopping import Terminated
-
-        return "interrupted", 143 if isinstance(e, Terminated) else 130
-    if isinstance(e, WsigenError):
-        return "error", e.exit_code
-    if isinstance(e, RuntimeError) and ("gloo" in str(e).lower() or "Connection closed" in str(e)):
-        return "lost", 1
-    return "error", 1
 
 
 def _report(job: Job, rank: int, data: dict) -> None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import time
+from pathlib import Path
+
+from ..errors import PeerLost, WsigenError
 
 # Set in forked worker processes: libraries with thread pools that the launcher may have used
 # (libvips decoding the input of ``wsigen upscale``) are broken there (see ``source.write_input``).
@@ -56,3 +61,72 @@ def external_world() -> int:
         return int(os.environ.get("WORLD_SIZE", "0"))
     except ValueError:
         return 0
+
+
+GRACE_S = 15.0  # after a failure: how long the other workers get to stop before SIGKILL
+
+
+def watch(procs, stopped: set[int], wait) -> KeyboardInterrupt | None:
+    """Wait for every worker; at the first non-zero exit stop the others (SIGTERM, then SIGKILL).
+
+    Workers sit in their own process group, so Ctrl-C and SIGTERM reach only this process, which
+    passes each on: the first lets every worker finish its step and save the state (the ranks
+    agree on the step), a second stops them at once. Returns the interrupt to re-raise, if any.
+    """
+
+    running = {p.sentinel: r for r, p in enumerate(procs) if p.exitcode is None}
+    deadline, interrupt = None, None
+    while running:
+        try:
+            for sentinel in wait(list(running), timeout=0.5):
+                r = running.pop(sentinel)
+                procs[r].join()
+                code = procs[r].exitcode
+                # 130/143: an interrupted worker; the ranks agree on stopping by themselves
+                if code not in (0, 130, 143) and deadline is None and interrupt is None:
+                    stop(procs, stopped, signal.SIGTERM)
+                    deadline = time.monotonic() + GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                stop(procs, stopped, signal.SIGKILL)
+                deadline = float("inf")
+        except KeyboardInterrupt as e:
+            from .stopping import Terminated
+
+            sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            stop(procs, set(), sig)
+            if interrupt is not None and deadline is None:  # the second: stop now
+                deadline = time.monotonic() + GRACE_S
+            interrupt = interrupt or e
+    return interrupt
+
+
+def stop(procs, stopped: set[int], sig) -> None:
+    for r, p in enumerate(procs):
+        if p.exitcode is None and p.pid:
+            stopped.add(r)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def read_reports(jobdir: str, n: int) -> dict[int, dict]:
+    out = {}
+    for r in range(n):
+        p = Path(jobdir) / f"rank-{r}.json"
+        if p.exists():
+            with contextlib.suppress(ValueError, OSError):
+                out[r] = json.loads(p.read_text())
+    return out
+
+
+def classify(e: BaseException) -> tuple[str, int]:
+    if isinstance(e, PeerLost):
+        return "lost", 1
+    if isinstance(e, KeyboardInterrupt):
+        from .stopping import Terminated
+
+        return "interrupted", 143 if isinstance(e, Terminated) else 130
+    if isinstance(e, WsigenError):
+        return "error", e.exit_code
+    if isinstance(e, RuntimeError) and ("gloo" in str(e).lower() or "Connection closed" in str(e)):
+        return "lost", 1
+    return "error", 1

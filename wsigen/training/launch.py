@@ -75,8 +75,8 @@ def _spawn(n: int, device: str, args: tuple) -> dict:
         for p in procs:
             p.start()
         stopped: set[int] = set()
-        interrupt = run_launch._watch(procs, stopped, multiprocessing.connection.wait)
-        reports = run_launch._reports(jobdir, n)
+        interrupt = processes.watch(procs, stopped, multiprocessing.connection.wait)
+        reports = processes.read_reports(jobdir, n)
     if interrupt is not None:
         raise interrupt
     codes = {r: p.exitcode for r, p in enumerate(procs)}
@@ -103,7 +103,7 @@ def _rank(rank: int, env: dict, jobdir: str, args: tuple) -> None:
                             progress=progress and rank == 0)
         data, code = {"ok": True, "summary": summary if rank == 0 else None}, 0
     except BaseException as e:  # noqa: BLE001 - every way out is reported to the launcher
-        kind, code = run_launch._classify(e)
+        kind, code = processes.classify(e)
         if isinstance(e, SystemExit):  # the loop's own exit after a signal (state saved)
             kind, code = "interrupted", int(e.code or 0)
         msg = str(e) if isinstance(e, WsigenError) else (
