@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -232,33 +231,13 @@ def _job_error(job: Job, reports: dict[int, dict], codes: dict[int, int | None],
                stopped: set[int]) -> WsigenError:
     """One line naming the rank that failed first: killed > error > interrupted > lost contact."""
     n = job.nprocs
-
-    def why(rank: int) -> tuple[int, str, int]:
-        rep, code = reports.get(rank), codes.get(rank)
-        if rep is None:
-            if code is not None and code < 0:
-                try:
-                    how = f"was killed by {signal.Signals(-code).name}"
-                except ValueError:
-                    how = f"was killed by signal {-code}"
-            else:
-                how = f"died without a report (exit code {code})"
-            return (5 if rank in stopped else 0), how, 1
-        order = {"error": 1, "interrupted": 2, "lost": 3}.get(rep.get("kind"), 1)
-        order += 4 if rank in stopped else 0
-        return order, rep.get("message", "failed"), int(rep.get("code", 1))
-
-    failed = [r for r in range(n) if codes.get(r) or not (reports.get(r) or {}).get("ok")]
-    first = min(failed, key=lambda r: (why(r)[0], r))
-    order, msg, code = why(first)
-    if order in (2, 6):  # interrupted: the CLI says so and how to resume
+    first, order, msg, code, terminated = processes.first_failure(n, reports, codes, stopped)
+    if order in processes.INTERRUPTED:  # interrupted: the CLI says so and how to resume
         from .stopping import Terminated
 
-        # the ranks stop together; if any was sent SIGTERM, the job was terminated
-        terminated = any(why(r)[2] == 143 for r in failed if why(r)[0] in (2, 6))
         raise Terminated() if terminated else KeyboardInterrupt()
     hint = _resume_hint(job)
-    if order in (0, 5):
+    if order in processes.KILLED:
         text = f"worker rank {first} of {n} {msg}; the other workers were stopped. {hint}"
     else:
         text = f"worker rank {first} of {n}: {msg}" + ("" if "resum" in msg else f"; {hint}")

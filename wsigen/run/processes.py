@@ -130,3 +130,38 @@ def classify(e: BaseException) -> tuple[str, int]:
     if isinstance(e, RuntimeError) and ("gloo" in str(e).lower() or "Connection closed" in str(e)):
         return "lost", 1
     return "error", 1
+
+
+# how a failed rank ranks when the job's error names one: killed first, then an error, then
+# interrupted, then lost contact; +4 for a rank the launcher itself stopped
+INTERRUPTED = (2, 6)
+KILLED = (0, 5)
+
+
+def first_failure(n: int, reports: dict[int, dict], codes: dict[int, int | None],
+                  stopped: set[int]) -> tuple[int, int, str, int, bool]:
+    """(rank, order, message, exit code, terminated) of the rank a job's error should name.
+
+    ``terminated``: the ranks were interrupted and at least one by SIGTERM (they stop together).
+    """
+
+    def why(rank: int) -> tuple[int, str, int]:
+        rep, code = reports.get(rank), codes.get(rank)
+        if rep is None:
+            if code is not None and code < 0:
+                try:
+                    how = f"was killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"was killed by signal {-code}"
+            else:
+                how = f"died without a report (exit code {code})"
+            return (5 if rank in stopped else 0), how, 1
+        order = {"error": 1, "interrupted": 2, "lost": 3}.get(rep.get("kind"), 1)
+        order += 4 if rank in stopped else 0
+        return order, rep.get("message", "failed"), int(rep.get("code", 1))
+
+    failed = [r for r in range(n) if codes.get(r) or not (reports.get(r) or {}).get("ok")]
+    first = min(failed, key=lambda r: (why(r)[0], r))
+    order, msg, code = why(first)
+    terminated = any(why(r)[2] == 143 for r in failed if why(r)[0] in INTERRUPTED)
+    return first, order, msg, code, terminated

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import replace
@@ -122,33 +121,17 @@ def _rank(rank: int, env: dict, jobdir: str, args: tuple) -> None:
 
 def _failure(n: int, device: str, out: str, reports: dict, codes: dict, stopped: set[int]) -> Exception:
     """One line naming the rank that failed first: killed > error > interrupted > lost contact."""
-    def why(r: int) -> tuple[int, str, int]:
-        rep, code = reports.get(r), codes.get(r)
-        if rep is None:
-            if code is not None and code < 0:
-                try:
-                    how = f"was killed by {signal.Signals(-code).name}"
-                except ValueError:
-                    how = f"was killed by signal {-code}"
-            else:
-                how = f"died without a report (exit code {code})"
-            return (5 if r in stopped else 0), how, 1
-        order = {"error": 1, "interrupted": 2, "lost": 3}.get(rep.get("kind"), 1) + (4 if r in stopped else 0)
-        return order, rep.get("message", "failed"), int(rep.get("code", 1))
-
-    failed = [r for r in range(n) if codes.get(r) or not (reports.get(r) or {}).get("ok")]
-    first = min(failed, key=lambda r: (why(r)[0], r))
-    order, msg, code = why(first)
-    if order in (2, 6):
+    first, order, msg, code, terminated = processes.first_failure(n, reports, codes, stopped)
+    if order in processes.INTERRUPTED:
         from ..run.stopping import Terminated
 
-        return Terminated() if any(why(r)[2] == 143 for r in failed) else KeyboardInterrupt()
+        return Terminated() if terminated else KeyboardInterrupt()
     from .state import has_state
 
     flag = f"--workers {n} --device cpu" if device == "cpu" else f"--gpus {n}"
     hint = (f"the last checkpoint resumes exactly: run the same command with --resume -o {out} {flag} "
             "(the same number of processes)" if has_state(Path(out)) else "nothing was saved yet")
-    if order in (0, 5):
+    if order in processes.KILLED:
         return WsigenError(f"training rank {first} of {n} {msg}; the other ranks were stopped. {hint}")
     text = f"training rank {first} of {n}: {msg}"
     return UsageError(text) if code == 2 else WsigenError(text if "resume" in msg else f"{text}; {hint}")
