@@ -31,6 +31,7 @@ from .pyramid import PYRAMID_MIN, downsample2, level_shapes  # noqa: F401  (the 
 
 CHUNK = 512
 STATE = "state/x"
+HISTORY = "state/d"  # a multistep solver's previous data prediction, beside state/x
 # What the "wsigen" attributes must say besides what the store adds (design.md §4).
 REQUIRED_INFO = ("torch_version", "config", "key", "model", "seed", "mpp_per_stage")
 # Every chunk is stored, even an all-zero one, so "every chunk exists" is checkable by listing;
@@ -258,6 +259,13 @@ class SlideStore:
         arr = self.group.get(STATE)
         if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
             arr = self._array(STATE, (height, width), chunk, dtype=dtype)
+        return arr.with_config(_ARRAY_CONFIG)
+
+    def history_array(self, height: int, width: int, chunk: int = CHUNK, dtype: str = "float32") -> zarr.Array:
+        """The multistep history's array of the checkpoint being written (``begin_state`` first)."""
+        arr = self.group.get(HISTORY)
+        if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
+            arr = self._array(HISTORY, (height, width), chunk, dtype=dtype)
         return arr.with_config(_ARRAY_CONFIG)
 
     def commit_state(self, stage: int, step: int) -> None:
