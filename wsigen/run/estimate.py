@@ -7,8 +7,8 @@ from ..method import planning, stages
 from ..slides import checkpoint
 from . import accel
 from .config import Request, parse_size
-from .presets import resolve as resolve_schedule
 from .devices import resolve_device
+from .presets import resolve as resolve_schedule
 
 
 def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
