@@ -205,3 +205,24 @@ def test_dpmpp2m_step_is_first_order_at_both_ends():
     # equal log-steps: D = 1.5·u − 0.5·prev
     mid = schedules.dpmpp2m_update(x, u, prev, 8.0, 4.0, 2.0).item()
     assert mid == pytest.approx(0.5 * 2.0 + 0.5 * (1.5 * 0.5 - 0.5 * 9.0))
+
+
+def test_dpmpp2m_refused_where_its_history_does_not_fit(tmp_path, monkeypatch):
+    """Memory for Heun's state but not for the second band: dpmpp2m is refused, one line, nothing written."""
+    from wsigen.errors import WsigenError
+    from wsigen.method.stages import plan_stages
+    from wsigen.run import preflight
+
+    plans = plan_stages(8192, 8192, 64, 2, 1.0)
+    heun = preflight.estimate(plans, 64, 2, 8, 10**6)
+    multi = preflight.estimate(plans, 64, 2, 8, 10**6, history=True)
+    assert multi.state_per_rank == 2 * heun.state_per_rank
+    between = (heun.host_total + multi.host_total) // 2
+    preflight.check(heun, tmp_path, memory=between, disk=10**15)
+    with pytest.raises(WsigenError, match="not enough memory"):
+        preflight.check(multi, tmp_path, memory=between, disk=10**15)
+    monkeypatch.setattr(preflight, "available_memory", lambda: between)
+    out = tmp_path / "x.zarr"
+    r = runner.invoke(app, ["sample", "--model", "gaussian", "--patch", "64", "--size", "8192", "--solver",
+                            "dpmpp2m", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 1 and "not enough memory" in r.stderr and not out.exists(), r.output
