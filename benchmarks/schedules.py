@@ -34,6 +34,7 @@ from wsigen.slides.store import SlideStore  # noqa: E402
 SETTINGS = {
     "paper": {"preset": "paper"},
     "fast": {"preset": "fast"},
+    "fast, model σ_r": {"solver": "dpmpp2m", "start_sigma": 2.0, "stage_steps": "10,12"},
     "heun N=20": {"steps": 20, "guided_steps": 14, "solver": "heun"},
     "dpmpp2m N=20": {"steps": 20, "guided_steps": 14, "solver": "dpmpp2m"},
     "start σ=2, heun 12": {"solver": "heun", "steps": 40, "start_sigma": 2.0, "stage_steps": "12"},
@@ -83,7 +84,7 @@ def measure(path, wall: float, evals: int) -> dict:
 def run(work: Path, name: str, opts: dict, size: int, seed: int, **extra) -> dict:
     out = work / f"{name.replace(' ', '_')}-{size}-{seed}.zarr"
     t0 = time.perf_counter()
-    s = api.sample(out, size, seed=seed, device="cpu", overwrite=True, skip_background=False,
+    s = api.sample(out, size, seed=seed, device="cpu", threads=1, overwrite=True, skip_background=False,
                    **{**opts, **extra})
     return {**measure(out, time.perf_counter() - t0, s["evaluations"]), "path": str(out)}
 

@@ -226,3 +226,14 @@ def test_dpmpp2m_refused_where_its_history_does_not_fit(tmp_path, monkeypatch):
     r = runner.invoke(app, ["sample", "--model", "gaussian", "--patch", "64", "--size", "8192", "--solver",
                             "dpmpp2m", "--device", "cpu", "-o", str(out)])
     assert r.exit_code == 1 and "not enough memory" in r.stderr and not out.exists(), r.output
+
+
+def test_preset_fills_only_what_was_not_given():
+    mc = model_config("default")
+    f = resolve(Request.of(preset="fast"), mc)
+    assert (f.solver, f.start_sigma, f.stage_steps, f.guided_sigma) == ("dpmpp2m", 2.0, (10, 12), 0.22)
+    g = resolve(Request.of(preset="fast", guided_steps=20), mc)  # the user's r, on the plain schedule
+    t = edm.karras_sigmas(edm.Schedule(mc["steps"]))
+    assert g.guided_sigma == schedules.sigma_for_index(t, 20) and g.guided_steps == 20
+    p = resolve(Request.of(preset="paper", guided_sigma=0.5), mc)
+    assert p.guided_sigma == 0.5 and p.steps == 40
