@@ -237,3 +237,20 @@ def test_preset_fills_only_what_was_not_given():
     assert g.guided_sigma == schedules.sigma_for_index(t, 20) and g.guided_steps == 20
     p = resolve(Request.of(preset="paper", guided_sigma=0.5), mc)
     assert p.guided_sigma == 0.5 and p.steps == 40
+
+
+def test_evaluate_uses_each_stages_own_step_count(tmp_path, monkeypatch):
+    from wsigen.judge import metrics, seams
+
+    api.sample(tmp_path / "e.zarr", "128x96", steps=6, start_sigma=2.0, stage_steps="3,4", **G)
+    seen = []
+    real = metrics.SeamCounter
+
+    def spy(h, w, m, grids, k, levels):
+        seen.append(sorted(g for g in grids if g.startswith("step ")))
+        return real(h, w, m, grids, k, levels)
+
+    monkeypatch.setattr(metrics, "SeamCounter", spy)
+    rows = seams.stage_metrics(SlideStore.open(tmp_path / "e.zarr"))
+    assert [len(s) for s in seen] == [3, 4]  # stage 1: 3 steps, stage 2: 4 (not N = 6)
+    assert all(r["guide_psnr_db"] for r in rows[1:])
