@@ -170,9 +170,11 @@ def test_multistep_history_survives_checkpoint_and_resume(tmp_path, tiny_model, 
     assert_same_store(out, multistep_reference)
 
 
-def test_multistep_same_bytes_with_two_workers(tmp_path, tiny_model, multistep_reference):
+@pytest.mark.parametrize("every", [0, 1])
+def test_multistep_same_bytes_with_two_workers(tmp_path, tiny_model, multistep_reference, every):
+    """Two ranks exchange the history with the rows (and, every = 1, both save it each step)."""
     out = tmp_path / "w2.zarr"
-    r = cli("sample", "--model", tiny_model, *ARGS, "-o", out, "--checkpoint-every", "0",
+    r = cli("sample", "--model", tiny_model, *ARGS, "-o", out, "--checkpoint-every", every,
             "--solver", "dpmpp2m", "--start-sigma", "5", "--workers", "2")
     assert r.exit_code == 0, r.output
     assert_same_store(out, multistep_reference)
