@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         con.print(t)
         mem, disk = p["memory_per_process"], p["disk"]
         con.print(f"total: {p['evaluations']:,} denoiser evaluations ({p['patch_steps']:,} patch steps)")
-        con.print(f"memory per process: {_gb(mem['total'])} (state {_gb(mem['state'])}, guide "
+        hist = f"multistep history {_gb(mem['history'])}, " if "history" in mem else ""
+        con.print(f"memory per process: {_gb(mem['total'])} (state {_gb(mem['state'])}, {hist}guide "
                   f"{_gb(mem['guide'])}, buffers {_gb(mem['buffers'])}, model {_gb(mem['model'])})")
         con.print(f"disk (uncompressed bound): {_gb(disk['total'])} (stages {_gb(disk['stages'])}, "
                   f"level 0 {_gb(disk['level0'])}, pyramid {_gb(disk['pyramid'])}, mid-stage state "
