@@ -251,3 +251,27 @@ def test_done_when_default_model_mpp2_factor4_then_ome_tiff(tmp_path):
     err = np.abs(pooled - small.transpose(2, 0, 1)).mean()
     other = np.abs(pooled - small[::-1].transpose(2, 0, 1)).mean()
     assert err < 12 and err < 0.4 * other, (err, other)
+
+
+@pytest.mark.parametrize("extra", [["--solver", "dpmpp2m", "--guided-sigma", "0", "--start-sigma", "1.5",
+                                    "--stage-steps", "4,3"], ["--preset", "fast", "--guided-sigma", "0"]])
+def test_cli_schedule_options(tmp_path, extra):
+    """The schedule options of ``sample`` (issue 14, item 7): σ_r = 0 keeps pooling to the input."""
+    src = _tissue(24, 40)
+    inp = _png(tmp_path / "in.png", src)
+    r = _cli(inp, "--mpp", "2", "--factor", "4", "--model", "gaussian", "--patch", "32", "--device", "cpu",
+             "-o", tmp_path / "o.zarr", "--json", *extra)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    store = SlideStore.open(tmp_path / "o.zarr")
+    cfg = store.info["config"]
+    assert cfg["guided_sigma"] == 0 and cfg["solver"] == "dpmpp2m" and cfg["start_sigma"] in (1.5, 2.0)
+    assert s["steps_per_stage"][1:] == ([4, 3] if "--stage-steps" in extra else [10, 12])
+    s1 = store.read_rows(1, 0, 48).astype(np.float64)
+    b = s1.reshape(3, 24, 2, 40, 2)
+    ok = (b.min(axis=(2, 4)) > 0) & (b.max(axis=(2, 4)) < 255)
+    assert ok.sum() > 100
+    assert np.abs(_pool(s1, 2) - src.transpose(2, 0, 1))[ok].max() <= 0.5 + 1e-9
+    r = _cli(inp, "--mpp", "2", "--factor", "2", "--model", "gaussian", "--patch", "32", "--device", "cpu",
+             "-o", tmp_path / "bad.zarr", "--start-sigma", "0.001")
+    assert r.exit_code == 2 and "--start-sigma" in r.stderr and not (tmp_path / "bad.zarr").exists()

@@ -36,14 +36,18 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
            overwrite: bool = False, resume: bool = False, allow_extrapolation: bool = False,
            drop_stages: bool = False, checkpoint_every: int | None = None, workers: int | None = None,
            gpus: int | None = None, count: int | None = None, split: str = "auto", progress=None,
-           topology=None, log=None, lock: bool = True, fsync: bool = True) -> dict | None:
+           topology=None, log=None, lock: bool = True, fsync: bool = True, preset: str | None = None,
+           guided_sigma: float | None = None, start_sigma: float | None = None,
+           stage_steps=None) -> dict | None:
     """Sample one synthetic slide (or ``count`` slides) into the zarr store ``out``; returns a summary.
 
     ``workers``/``gpus`` spread it over processes (the same bytes for any number); ``topology`` runs
     it as one rank of a job the caller set up. Returns None on ranks other than 0 of an externally
-    launched job.
+    launched job. ``preset`` (paper, fast), ``guided_sigma``, ``start_sigma`` and ``stage_steps``
+    (e.g. "40,32,24", counted from the last stage back) choose the schedule (docs/api.md).
     """
     spec = run_spec(out, size, device=device, resume=resume, overwrite=overwrite, model=model, mpp=mpp,
+                    preset=preset, guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps,
                     seed=seed, steps=steps, guided_steps=guided_steps, solver=solver, batch=batch,
                     patch=patch, precision=precision, state_dtype=state_dtype, channels_last=channels_last,
                     compile=compile, grid_shift=grid_shift, skip_background=skip_background,
@@ -98,17 +102,23 @@ def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | N
 
 
 def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
-         steps: int | None = None, solver: str = "heun", batch: int = 8, seed: int = 0,
+         steps: int | None = None, solver: str | None = None, batch: int = 8, seed: int = 0,
          world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
-         channels_last: bool | None = None, state_dtype: str = "float32") -> dict:
-    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
+         channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
+         guided_steps: int | None = None, guided_sigma: float | None = None,
+         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True) -> dict:
+    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time.
+
+    The schedule options are ``sample``'s, resolved the same way, so the counts are exact."""
     from .run import estimate
 
     return estimate.plan(size, model=model, mpp=mpp, patch=patch, steps=steps, solver=solver, batch=batch,
                          seed=seed, world=world, device=device, precision=precision, measure=measure,
                          throughput=throughput, measure_seconds=measure_seconds, compile=compile,
-                         channels_last=channels_last, state_dtype=state_dtype)
+                         channels_last=channels_last, state_dtype=state_dtype, preset=preset,
+                         guided_steps=guided_steps, guided_sigma=guided_sigma, start_sigma=start_sigma,
+                         stage_steps=stage_steps, grid_shift=grid_shift)
 
 
 def train(slides, out, **options) -> dict:

@@ -106,7 +106,11 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
     steps: Annotated[int | None, typer.Option(help="Solver steps N [default: from the model].", min=2)] = None,
     guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected onto the previous stage.", min=0)] = None,
-    solver: Annotated[str | None, typer.Option(help="heun or euler [default: heun].")] = None,
+    solver: Annotated[str | None, typer.Option(help="heun, euler or dpmpp2m (DPM-Solver++(2M), one evaluation per step) [default: heun].")] = None,
+    preset: Annotated[str | None, typer.Option(help="paper (Heun, N = 40, r = 28, every stage from σ_max) or fast (docs/performance.md, \"Schedules\"); fills the schedule options not given.")] = None,
+    guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
+    start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
+    stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
     batch: Annotated[int | None, typer.Option(help="Patches per forward pass [default: 8].", min=1)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
@@ -143,7 +147,8 @@ def sample(
                    background_tolerance=background_tolerance, overwrite=overwrite,
                    resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
                    checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None,
-                   lock=not no_lock, fsync=not no_fsync)
+                   lock=not no_lock, fsync=not no_fsync, preset=preset, guided_sigma=guided_sigma,
+                   start_sigma=start_sigma, stage_steps=stage_steps)
     if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
         return
     if "manifest" in s:

@@ -29,6 +29,12 @@ def register(app: typer.Typer) -> None:
         mpp: Annotated[float | None, typer.Option(help="Final µm/px [default: from the model].")] = None,
         patch: Annotated[int | None, typer.Option(help="Patch size M (models without one).", min=2)] = None,
         steps: Annotated[int | None, typer.Option(help="Solver steps N.", min=2)] = None,
+        solver: Annotated[str | None, typer.Option(help="heun, euler or dpmpp2m [default: heun].")] = None,
+        guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected.", min=0)] = None,
+        preset: Annotated[str | None, typer.Option(help="paper (Heun, N = 40, r = 28, every stage from σ_max) or fast (docs/performance.md, \"Schedules\"); fills the schedule options not given.")] = None,
+        guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
+        start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
+        stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
         batch: Annotated[int, typer.Option(help="Patches per forward pass.", min=1)] = 8,
         gpus: Annotated[int | None, typer.Option(help="Plan for N GPU processes.", min=1)] = None,
         workers: Annotated[int | None, typer.Option(help="Plan for N processes.", min=1)] = None,
@@ -48,7 +54,8 @@ def register(app: typer.Typer) -> None:
         p = api.plan(size, model=model, mpp=mpp, patch=patch, steps=steps, batch=batch, seed=seed,
                      world=gpus or workers or 1, device=device, precision=precision, measure=measure,
                      throughput=throughput, compile=compile, channels_last=channels_last,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype, preset=preset, solver=solver, guided_steps=guided_steps,
+                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps)
         if as_json:
             typer.echo(json.dumps(p, indent=2))
             return
@@ -56,17 +63,19 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         t = Table(title=f"{p['width']}x{p['height']} px at {p['mpp']:g} µm/px — model {p['model']}, "
-                        f"M = {p['patch']}, N = {p['steps']}, {p['processes']} process(es)")
-        for col in ("stage", "canvas", "µm/px", "patches/step", "denoiser evaluations"):
+                        f"M = {p['patch']}, N = {p['steps']}, {p['solver']}, {p['processes']} process(es)"
+                        + (f", preset {p['preset']}" if p.get("preset") else ""))
+        for col in ("stage", "canvas", "µm/px", "steps", "patches/step", "denoiser evaluations"):
             t.add_column(col, justify="right")
         for s in p["stages"]:
-            t.add_row(str(s["index"]), f"{s['width']}x{s['height']}", f"{s['mpp']:g}",
+            t.add_row(str(s["index"]), f"{s['width']}x{s['height']}", f"{s['mpp']:g}", str(s["steps"]),
                       f"{s['patches_per_step']:,}", f"{s['evaluations']:,}")
         con = Console()
         con.print(t)
         mem, disk = p["memory_per_process"], p["disk"]
         con.print(f"total: {p['evaluations']:,} denoiser evaluations ({p['patch_steps']:,} patch steps)")
-        con.print(f"memory per process: {_gb(mem['total'])} (state {_gb(mem['state'])}, guide "
+        hist = f"multistep history {_gb(mem['history'])}, " if "history" in mem else ""
+        con.print(f"memory per process: {_gb(mem['total'])} (state {_gb(mem['state'])}, {hist}guide "
                   f"{_gb(mem['guide'])}, buffers {_gb(mem['buffers'])}, model {_gb(mem['model'])})")
         con.print(f"disk (uncompressed bound): {_gb(disk['total'])} (stages {_gb(disk['stages'])}, "
                   f"level 0 {_gb(disk['level0'])}, pyramid {_gb(disk['pyramid'])}, mid-stage state "

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..method import gridshift
+from ..method import gridshift, schedules
 from . import Progress, metrics
 
 
@@ -30,7 +30,8 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
     cfg = info.get("config") or {}
     m = int(cfg.get("patch") or 0)
     k = int(((info.get("model") or {}).get("config") or {}).get("k", 2))
-    seed, steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 0))
+    seed, base_steps = int(cfg.get("seed", 0)), int(cfg.get("steps", 0))
+    stage_steps = tuple(cfg["stage_steps"]) if cfg.get("stage_steps") else None
     shift = bool(cfg.get("grid_shift", True))
     stages = info["stages"]
     out = []
@@ -48,6 +49,8 @@ def stage_metrics(store, max_pixels: int = 2**26, progress: Progress | None = No
         rows_per = math.lcm(band or arr.chunks[1], k)  # whole chunks, whole k×k pooling blocks
         starts = _bands(h, rows_per, max(rows_per, max_pixels // max(w, 1)), [seed, 0x5EA, l])
         row["sampled_rows"] = round(min(1.0, len(starts) * rows_per / h), 4)
+        # each stage's own step count (--stage-steps; stores without it: N for every stage)
+        steps = schedules.stage_step_count(base_steps, stage_steps, l, len(stages) - 1)
         # stage 0 is one unshifted patch; the last step is N − 1
         last = gridshift.grid_offset(seed, l, steps - 1, m, k, shift and l > 0) if m and steps else (0, 0)
         grids = {"fixed_grid": (0, 0), "last_step_grid": last}

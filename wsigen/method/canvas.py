@@ -33,7 +33,8 @@ def from_uint8(u: np.ndarray | torch.Tensor, device="cpu") -> torch.Tensor:
 
 @dataclass
 class Band:
-    """Rows [y0, y1) of a (3, height, width) state; ``data`` has shape (3, y1 − y0, width)."""
+    """Rows [y0, y1) of a (3, height, width) state; ``data`` has shape (3, y1 − y0, width), or
+    (6, …) when a multistep solver keeps its history (the previous data prediction) beside x."""
 
     height: int
     width: int
@@ -42,7 +43,17 @@ class Band:
     data: torch.Tensor
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        """View of canvas rows [a, b), which must lie inside the band."""
+        """View of canvas rows [a, b) of the state x, which must lie inside the band."""
+        return self.all_rows(a, b)[:3]
+
+    def history(self, a: int, b: int) -> torch.Tensor:
+        """View of rows [a, b) of a multistep solver's history (channels 3…5 of ``data``)."""
+        if self.data.shape[0] < 6:
+            raise RuntimeError("this band holds no multistep history")
+        return self.all_rows(a, b)[3:6]
+
+    def all_rows(self, a: int, b: int) -> torch.Tensor:
+        """Every channel of rows [a, b): what moves between processes."""
         if not self.y0 <= a <= b <= self.y1:
             raise IndexError(f"rows [{a}, {b}) outside band [{self.y0}, {self.y1})")
         return self.data[:, a - self.y0 : b - self.y0]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from . import edm, gridshift, keys
+from . import edm, gridshift, keys, schedules
 from .canvas import Band, GuideBand
 from .gridshift import Patch
 from .guidance import pinv, project_
@@ -132,9 +132,9 @@ class _Segment:
             out.append((slice(last, last + 1), slice(0, self.ctx.width - a), slice(a, self.ctx.width)))
         return out
 
-    def _copies(self, x: torch.Tensor):
+    def _copies(self, x: torch.Tensor, history: bool = False):
         """Pairs (patch view, band view) of the valid region, both shaped (3, rows, j, cols)."""
-        rows = self.band.rows(self.ya, self.yb)
+        rows = (self.band.history if history else self.band.rows)(self.ya, self.yb)
         ry = slice(self.ya - self.y0, self.yb - self.y0)
         for js, cs, bs in self._pieces():
             pv = x[js].permute(1, 2, 0, 3)[:, ry, :, cs]
@@ -159,6 +159,21 @@ class _Segment:
         if remote:
             x = x.to(self.ctx.device, non_blocking=True)
         return self.reset(x, t)
+
+    def gather_history(self) -> torch.Tensor:
+        """The multistep history (previous data prediction) of the segment; 0 in the padding,
+        where whatever the step computes is discarded."""
+        m, n = self.ctx.patch, self.n
+        h = torch.zeros(n, 3, m, m, dtype=torch.float32, device=self.band.data.device)
+        for pv, bv in self._copies(h, history=True):
+            pv.copy_(bv)
+        return h.to(self.ctx.device)
+
+    def scatter_history(self, u: torch.Tensor) -> None:
+        """Store the segment's data prediction (valid region) as the next step's history."""
+        u = u.to(self.band.data.device)
+        for pv, bv in self._copies(u, history=True):
+            bv.copy_(pv)
 
     def reset(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Padding is not state: set it (in place) to b + t·ε for the next evaluation's noise level."""
@@ -230,8 +245,8 @@ def diffuse(
     denoiser output is taken to be A†y, so the ODE still advances consistently.
     """
     s = ctx.settings
-    t = edm.karras_sigmas(s.schedule())
-    r, m = s.guided_steps, ctx.patch
+    t = s.sigmas()
+    m = ctx.patch
     heun = s.solver == "heun"
     mpp = torch.tensor([ctx.mpp], dtype=torch.float32, device=ctx.device)
     glass_map = None
@@ -242,7 +257,7 @@ def diffuse(
         rows, cols = ctx.grid(i)
         mine = pick_rows(rows) if pick_rows else rows
         band = regroup(band, *gridshift.row_span(mine, m, ctx.height))
-        project_now = ctx.guided and guide is not None and i < r  # Algorithm 1: project while i < r
+        project_now = ctx.guided and guide is not None and s.projected(i, t)  # Algorithm 1's relaxation
         eps = pad_noise(ctx, i)
         segments = row_segments(len(cols), s.batch, m)
         for y0 in mine:
@@ -293,15 +308,49 @@ def _advance(ctx: StageContext, i: int, t: list[float], y0: int, xs: list[int], 
         return u
 
     x = seg.gather(t[i])
-    x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=seg.reset)
+    if ctx.settings.multistep:
+        # DPM-Solver++(2M): one evaluation; the data prediction (projected, as u in Algorithm 1)
+        # becomes the history of the next step. First order at the stage's first and last step.
+        u = denoise(x, t[i])
+        last = t[i + 1] == 0
+        prev = seg.gather_history() if i > 0 and not last else None
+        x = schedules.dpmpp2m_update(x, u, prev, t[i - 1] if i > 0 else None, t[i], t[i + 1])
+        if not last:
+            seg.scatter_history(u)
+        n_eval = 1
+    else:
+        x, n_eval = edm.solver_step(denoise, x, t[i], t[i + 1], heun=heun, reset=seg.reset)
     seg.scatter(x)
     ctx.stats["evaluations"] += n_eval * len(active)
     ctx.stats["patches"] += len(xs)
     ctx.stats["skipped"] += len(glass_idx)
 
 
-def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu") -> Band:
-    """x_0 = σ_max·ε for canvas rows [y0, y1), ε keyed per tile (design.md §2)."""
+def initial_band(ctx: StageContext, y0: int, y1: int, state_device="cpu",
+                 guide: GuideBand | None = None) -> Band:
+    """x_0 = σ_max·ε for canvas rows [y0, y1), ε keyed per tile (design.md §2); with a part-way
+    start x_0 = A†y + S·ε (``add_guide_``). A multistep solver's history rides along as channels 3…5."""
+    s = ctx.settings
     eps = keys.initial_noise(ctx.seed, ctx.stage, ctx.height, ctx.width, y0, y1)
-    data = torch.from_numpy(eps).mul_(ctx.settings.sigma_max).to(state_device, ctx.settings.state_torch_dtype)
-    return Band(ctx.height, ctx.width, y0, y1, data)
+    top = s.sigma_max if s.start_sigma is None else s.start_sigma
+    data = torch.from_numpy(eps).mul_(top).to(state_device, s.state_torch_dtype)
+    if s.multistep:
+        data = torch.cat([data, torch.zeros_like(data)])
+    band = Band(ctx.height, ctx.width, y0, y1, data)
+    if s.start_sigma is not None and guide is not None and ctx.guided:
+        add_guide_(band, guide, ctx.k)
+    return band
+
+
+def add_guide_(band: Band, guide: GuideBand, k: int, rows: int = 256) -> None:
+    """x += A†y in place (nearest upsampling of the stored guide), ``rows`` canvas rows at a time.
+
+    The part-way start of a guided stage (SDEdit; Chung et al. 2022): the band already holds S·ε.
+    """
+    for a in range(band.y0, band.y1, rows):
+        b = min(a + rows, band.y1)
+        g = guide.data[:, a // k - guide.y0 : -(-b // k) - guide.y0, : band.width // k]
+        y = torch.from_numpy(np.ascontiguousarray(g)).to(torch.float32).mul_(1 / 127.5).sub_(1)
+        up = y.repeat_interleave(k, 1).repeat_interleave(k, 2)[:, a - (a // k) * k : a - (a // k) * k + b - a]
+        x = band.rows(a, b)
+        x.add_(up.to(x.device, x.dtype))

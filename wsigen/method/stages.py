@@ -5,12 +5,12 @@ and its context (denoiser, seed, canvas, grid)."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import UsageError
-from . import edm, gridshift
+from . import edm, gridshift, schedules
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,39 @@ class Settings:
     state_dtype: str = "float32"
     channels_last: bool = False
     compile: bool = False
+    # Schedule options (docs/architecture.md, "Schedules"); None: the paper's (today's) behaviour.
+    guided_sigma: float | None = None  # project while t_i ≥ σ_r (else: while i < guided_steps)
+    start_sigma: float | None = None  # guided stages start at A†y + S·ε and run from S
+    stage_steps: tuple[int, ...] | None = None  # the --stage-steps rule (schedules.stage_step_count)
+
+    @property
+    def multistep(self) -> bool:
+        """The solver keeps the previous data prediction (a second canvas beside the state)."""
+        return self.solver in schedules.MULTISTEP
+
+    @property
+    def channels(self) -> int:
+        """Channels of a band: x, plus the history of a multistep solver."""
+        return 6 if self.multistep else 3
+
+    def for_stage(self, index: int, last: int) -> Settings:
+        """This stage's own settings: its step count, and its start (stage 0 always from σ_max)."""
+        if self.stage_steps is None and self.start_sigma is None:
+            return self
+        n = schedules.stage_step_count(self.steps, self.stage_steps, index, last)
+        return replace(self, steps=n, guided_steps=min(self.guided_steps, n), stage_steps=None,
+                       start_sigma=None if index == 0 else self.start_sigma)
+
+    def sigmas(self) -> list[float]:
+        """t_0 … t_N of this (per-stage) schedule: from the start level, or σ_max."""
+        top = self.sigma_max if self.start_sigma is None else self.start_sigma
+        return edm.karras_sigmas(edm.Schedule(self.steps, self.sigma_min, top, self.rho))
+
+    def projected(self, i: int, t: list[float]) -> bool:
+        """Algorithm 1's relaxation: step i is projected while i < r, or while t_i ≥ σ_r."""
+        if self.guided_sigma is None:
+            return i < self.guided_steps
+        return t[i] >= self.guided_sigma
 
     @property
     def state_torch_dtype(self) -> torch.dtype:
@@ -84,8 +117,15 @@ class Settings:
             raise UsageError(f"--steps must be at least 2 (got {self.steps})")
         if not 0 <= self.guided_steps <= self.steps:
             raise UsageError(f"--guided-steps must lie in [0, steps={self.steps}] (got {self.guided_steps})")
-        if self.solver not in ("heun", "euler"):
-            raise UsageError(f"--solver must be heun or euler (got {self.solver})")
+        if self.solver not in schedules.SOLVERS:
+            raise UsageError(f"--solver must be heun, euler or dpmpp2m (got {self.solver})")
+        if self.guided_sigma is not None and not self.guided_sigma >= 0:
+            raise UsageError(f"--guided-sigma must be at least 0 (got {self.guided_sigma:g})")
+        if self.start_sigma is not None and not self.sigma_min < self.start_sigma <= self.sigma_max:
+            raise UsageError(f"--start-sigma must lie in (σ_min = {self.sigma_min:g}, σ_max = "
+                             f"{self.sigma_max:g}] (got {self.start_sigma:g})")
+        if self.stage_steps is not None:
+            schedules.parse_stage_steps(self.stage_steps)
         if self.batch < 1:
             raise UsageError(f"--batch must be at least 1 (got {self.batch})")
         if self.precision not in ("fp32", "bf16", "fp16"):

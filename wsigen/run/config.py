@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 DEFAULT_BG_TOLERANCE = 4.0  # grey levels
 MAX_SIDE = 2**22
-SOLVERS = ("heun", "euler")
+SOLVERS = ("heun", "euler", "dpmpp2m")
+SCHEDULE_FIELDS = ("guided_sigma", "start_sigma", "stage_steps", "preset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STATE_DTYPES = ("float32", "float16")
 DEVICES = ("cpu", "cuda", "auto")
@@ -81,11 +82,20 @@ class Request:
     skip_background: bool | None = None
     background_tolerance: float | None = None
     threads: int | None = None
+    # schedule options (run/presets.py); None: today's behaviour
+    guided_sigma: float | None = None
+    start_sigma: float | None = None
+    stage_steps: tuple[int, ...] | None = None
+    preset: str | None = None
 
     @classmethod
     def of(cls, size=None, **given) -> Request:
         """From API/CLI keyword arguments (``None`` = not given); checks every value it can alone."""
+        from ..method.schedules import parse_stage_steps
+
         model = given.pop("model", None)
+        if given.get("stage_steps") is not None:
+            given["stage_steps"] = parse_stage_steps(given["stage_steps"])
         return cls(size=None if size is None else parse_size(size),
                    model=None if model is None else str(model), **given).validate()
 
@@ -110,7 +120,20 @@ class Request:
                                  f"{choices[-1]} (got {v})")
         if self.background_tolerance is not None and self.background_tolerance < 0:
             raise UsageError(f"--background-tolerance must be non-negative (got {self.background_tolerance:g})")
+        self._validate_schedule()
         return self
+
+    def _validate_schedule(self) -> None:
+        """The schedule options that can be checked without the model (run/presets.py)."""
+        from .presets import check_preset
+
+        check_preset(self.preset)
+        if self.guided_sigma is not None and self.guided_steps is not None:
+            raise UsageError("--guided-sigma and --guided-steps exclude each other (one relaxation rule)")
+        if self.guided_sigma is not None and not (self.guided_sigma >= 0 and math.isfinite(self.guided_sigma)):
+            raise UsageError(f"--guided-sigma must be a non-negative number (got {self.guided_sigma:g})")
+        if self.start_sigma is not None and not (self.start_sigma > 0 and math.isfinite(self.start_sigma)):
+            raise UsageError(f"--start-sigma must be a positive number (got {self.start_sigma:g})")
 
     def given(self) -> dict[str, Any]:
         """The options given, by store-config name (``size`` stands for width and height)."""
@@ -121,6 +144,8 @@ class Request:
         d = self.given()
         if "size" in d:
             d["size"] = list(d["size"])
+        if "stage_steps" in d:
+            d["stage_steps"] = list(d["stage_steps"])
         return d
 
     @classmethod
@@ -132,6 +157,13 @@ class Request:
         """Given options whose value differs from a stored configuration."""
         out = []
         for key, val in self.given().items():
+            if key in SCHEDULE_FIELDS:  # absent from older stores: today's behaviour (None)
+                have = stored.get(key)
+                if key == "stage_steps" and have is not None:
+                    have, val = list(have), list(val)
+                if val != have:
+                    out.append(f"{key} {val!r} (store: {have!r})")
+                continue
             if key == "size":
                 if val != (stored["width"], stored["height"]):
                     out.append(f"size {val[0]}x{val[1]} (store: {stored['width']}x{stored['height']})")
@@ -169,6 +201,11 @@ class SlideConfig:
     compile: bool = False
     source: Source | None = None  # upscale: the input that is stage 0
     upscale_stages: int | None = None
+    # the schedule options (run/presets.py); None: today's — stored (and keyed) only when set
+    guided_sigma: float | None = None
+    start_sigma: float | None = None
+    stage_steps: tuple[int, ...] | None = None
+    preset: str | None = None  # provenance only: the resolved values above are what counts
 
     # the key is every field but the model's name (its sha256 stands for it) and the input's record
     KEY_FIELDS = ("width", "height", "mpp", "patch", "seed", "steps", "guided_steps", "solver", "batch",
@@ -180,11 +217,11 @@ class SlideConfig:
     def resolve(cls, request: Request, lm: LoadedModel, spec: str, device: torch.device,
                 source: Source | None = None, upscale_stages: int | None = None) -> SlideConfig:
         """The request with every missing value taken from the model (or the built-in default)."""
+        from .presets import resolve as resolve_schedule
+
         mc, r = lm.config, request
-        steps = r.steps if r.steps is not None else mc["steps"]
-        guided = r.guided_steps
-        if guided is None:
-            guided = min(steps, round(steps * mc["guided_steps"] / mc["steps"]))
+        sched = resolve_schedule(r, mc)
+        steps, guided = sched.steps, sched.guided_steps
         w, h = r.size or parse_size(mc["recommended_size"])
         threads = r.threads if r.threads is not None else default_threads()
 
@@ -194,7 +231,7 @@ class SlideConfig:
         return cls(
             width=w, height=h, mpp=float(pick(r.mpp, mc["final_mpp"])), model=str(spec),
             model_sha256=lm.sha256, patch=lm.patch, seed=int(pick(r.seed, 0)), steps=steps,
-            guided_steps=guided, solver=pick(r.solver, "heun"), batch=pick(r.batch, 8),
+            guided_steps=guided, solver=sched.solver, batch=pick(r.batch, 8),
             precision=pick(r.precision, "fp32"), grid_shift=r.grid_shift is not False,
             skip_background=r.skip_background is not False,
             background_tolerance=float(pick(r.background_tolerance, DEFAULT_BG_TOLERANCE)),
@@ -202,26 +239,38 @@ class SlideConfig:
             threads=threads if device.type == "cpu" else None, state_dtype=pick(r.state_dtype, "float32"),
             # NHWC: 1.5× faster on this CPU for the default model (64² patches), and the GPU layout
             channels_last=bool(pick(r.channels_last, True)), compile=bool(pick(r.compile, False)),
-            source=source, upscale_stages=upscale_stages)
+            source=source, upscale_stages=upscale_stages, guided_sigma=sched.guided_sigma,
+            start_sigma=sched.start_sigma, stage_steps=sched.stage_steps, preset=sched.preset)
 
     def to_store(self) -> dict[str, Any]:
         """The flat ``config`` dict of the store (upscale runs add ``input`` and ``upscale_stages``)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("source", "upscale_stages")}
+             if f.name not in ("source", "upscale_stages", *SCHEDULE_FIELDS)}
+        for k in SCHEDULE_FIELDS:  # only when set: a run without them stores what it always did
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = list(v) if k == "stage_steps" else v
         if self.source is not None:
             d["input"] = self.source.describe()
             d["upscale_stages"] = self.upscale_stages
         return d
 
     def key(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.KEY_FIELDS}
+        d = {k: getattr(self, k) for k in self.KEY_FIELDS}
+        for k in SCHEDULE_FIELDS[:-1]:  # the resolved schedule; the preset's name is provenance
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = list(v) if k == "stage_steps" else v
+        return d
 
     @classmethod
     def from_store(cls, cfg: dict[str, Any]) -> SlideConfig:
         names = {f.name for f in fields(cls)} - {"source", "upscale_stages"}
         source = Source.from_record(cfg["input"]) if cfg.get("input") else None
-        return cls(**{k: v for k, v in cfg.items() if k in names}, source=source,
-                   upscale_stages=cfg.get("upscale_stages"))
+        vals = {k: v for k, v in cfg.items() if k in names}
+        if vals.get("stage_steps") is not None:
+            vals["stage_steps"] = tuple(vals["stage_steps"])
+        return cls(**vals, source=source, upscale_stages=cfg.get("upscale_stages"))
 
     def settings(self) -> Settings:
         from ..method.stages import Settings
@@ -231,7 +280,9 @@ class SlideConfig:
                         precision=self.precision, grid_shift=self.grid_shift,
                         skip_background=self.skip_background,
                         background_tolerance=self.background_tolerance, state_dtype=self.state_dtype,
-                        channels_last=self.channels_last, compile=self.compile).validate()
+                        channels_last=self.channels_last, compile=self.compile,
+                        guided_sigma=self.guided_sigma, start_sigma=self.start_sigma,
+                        stage_steps=self.stage_steps).validate()
 
 
 @dataclass(frozen=True)

@@ -78,10 +78,11 @@ class DistTopology(Topology):
 
     # -- the band buffer ------------------------------------------------------------------
     def allocate(self, height: int, width: int, y0: int, y1: int, reserve: Span,
-                 device="cpu", dtype: torch.dtype = torch.float32) -> Band:
-        """A buffer over every row the band may hold this stage, so shifts move no local rows."""
+                 device="cpu", dtype: torch.dtype = torch.float32, channels: int = 3) -> Band:
+        """A buffer over every row the band may hold this stage, so shifts move no local rows.
+        ``channels`` 6: x and a multistep solver's history, which move together."""
         r0, r1 = hull([reserve, (y0, y1)])
-        self._buf, self._base = torch.empty(3, r1 - r0, width, device=device, dtype=dtype), r0
+        self._buf, self._base = torch.empty(channels, r1 - r0, width, device=device, dtype=dtype), r0
         self.stats["max_buffer_rows"] = max(self.stats["max_buffer_rows"], r1 - r0)
         return self._view(height, y0, y1)
 
@@ -112,7 +113,8 @@ class DistTopology(Topology):
             return
         if self._buf is not None:  # grow, keeping the reserve
             r0, r1 = hull([(r0, r1), (self._base, self._base + self._buf.shape[1])])
-        self._buf, self._base = torch.empty(3, r1 - r0, band.width, device=old.device, dtype=old.dtype), r0
+        self._buf, self._base = torch.empty(old.shape[0], r1 - r0, band.width, device=old.device,
+                                            dtype=old.dtype), r0
         self.stats["max_buffer_rows"] = max(self.stats["max_buffer_rows"], r1 - r0)
         self._view(band.height, band.y0, band.y1).data.copy_(old)
 
@@ -128,12 +130,13 @@ class DistTopology(Topology):
         sends, recvs, ops, sent = [], [], [], 0
         for p, q, (a, b) in moves:
             if p == self.rank:
-                t = band.rows(a, b).contiguous().to(self.comm_device)
+                t = band.all_rows(a, b).contiguous().to(self.comm_device)  # x (and history)
                 sends.append(t)
                 ops.append(dist.P2POp(dist.isend, t, q))
                 sent += t.numel() * t.element_size()
             elif q == self.rank:
-                t = torch.empty(3, b - a, band.width, device=self.comm_device, dtype=band.data.dtype)
+                t = torch.empty(band.data.shape[0], b - a, band.width, device=self.comm_device,
+                                dtype=band.data.dtype)
                 recvs.append((a, b, t))
                 ops.append(dist.P2POp(dist.irecv, t, p))
         if ops:
@@ -146,7 +149,7 @@ class DistTopology(Topology):
                 raise self._lost(f"the row exchange with rank(s) {peers}", e) from None
         out = self._view(band.height, y0, y1)
         for a, b, t in recvs:
-            out.rows(a, b).copy_(t)
+            out.all_rows(a, b).copy_(t)
         self._count(kind, sent, y1 - y0, band.width)
         return out
 

@@ -6,34 +6,50 @@ from ..errors import UsageError
 from ..method import planning, stages
 from ..slides import checkpoint
 from . import accel
-from .config import parse_size
+from .config import Request, parse_size
 from .devices import resolve_device
+from .presets import resolve as resolve_schedule
 
 
 def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
          steps: int | None = None, solver: str = "heun", batch: int = 8, seed: int = 0,
          world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
-         channels_last: bool | None = None, state_dtype: str = "float32") -> dict:
+         channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
+         guided_steps: int | None = None, guided_sigma: float | None = None,
+         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True) -> dict:
     """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
     if world < 1:
         raise UsageError(f"process count must be at least 1 (got {world})")
     if state_dtype not in ("float32", "float16"):
         raise UsageError(f"--state-dtype must be float32 or float16 (got {state_dtype})")
+    req = Request.of(steps=steps, solver=solver, preset=preset, guided_steps=guided_steps,
+                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps)
     lm = checkpoint.load_model(model, patch=patch)
     mc = lm.config
     w, h = parse_size(size or mc["recommended_size"])
     mpp = float(mpp or mc["final_mpp"])
-    n = steps or mc["steps"]
-    c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, heun=solver == "heun")
+    sched = resolve_schedule(req, mc)
+    n = sched.steps
+    settings = stages.Settings(steps=n, guided_steps=sched.guided_steps, solver=sched.solver,
+                               sigma_min=mc["sigma_min"], sigma_max=mc["sigma_max"], rho=mc["rho"],
+                               grid_shift=grid_shift, guided_sigma=sched.guided_sigma,
+                               start_sigma=sched.start_sigma, stage_steps=sched.stage_steps).validate()
+    c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, settings=settings)
     plans = stages.plan_stages(w, h, lm.patch, mc["k"], mpp)
     params = sum(p.numel() for p in lm.denoiser.parameters())
+    history = settings.multistep
     out = {"width": w, "height": h, "mpp": mpp, "model": model, "patch": lm.patch, "steps": n,
-           "solver": solver, "processes": world, **c,
+           "solver": sched.solver, "guided_steps": sched.guided_steps, "processes": world, **c,
            "memory_per_process": planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch,
                                                           mc["k"], world, batch, params,
-                                                          2 if state_dtype == "float16" else 4),
-           "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4)}
+                                                          2 if state_dtype == "float16" else 4,
+                                                          history=history),
+           "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4, history=history)}
+    for k in ("guided_sigma", "start_sigma", "stage_steps", "preset"):
+        v = getattr(sched, k)
+        if v is not None:
+            out[k] = list(v) if k == "stage_steps" else v
     if measure:
         from .throughput import measure_throughput
 

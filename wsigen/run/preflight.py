@@ -55,15 +55,20 @@ def gb(n: int | float) -> str:
 
 def estimate(plans: list[StagePlan], patch: int, k: int, batch: int, params: int, *, world: int = 1,
              processes_here: int | None = None, checkpoint: bool = True, device_type: str = "cpu",
-             on_disk: int = 0, state_bytes: int = 4) -> Needs:
-    """Memory per process and disk of sampling ``plans`` with ``world`` processes (nothing allocated)."""
+             on_disk: int = 0, state_bytes: int = 4, history: bool = False) -> Needs:
+    """Memory per process and disk of sampling ``plans`` with ``world`` processes (nothing allocated).
+
+    ``history``: a multistep solver keeps its previous data prediction as a second band (and
+    saves it beside the mid-stage state), so state memory and checkpoint disk double."""
     if world < 1:
         raise ValueError(f"world must be at least 1 (got {world})")
     last = plans[-1]
     mem = planning.memory_per_rank(last.height, last.width, patch, k, world, batch, params, state_bytes)
     # A band never exceeds the canvas (planning adds the shift slack even to a single process).
     mem["state"] = min(mem["state"], 3 * last.height * last.width * state_bytes)
-    disk = dict(planning.disk_bytes(plans, last.width, last.height, state_bytes))
+    if history:  # counted in the state: the band holds x and the history together
+        mem["state"] *= 2
+    disk = dict(planning.disk_bytes(plans, last.width, last.height, state_bytes, history=history))
     if not checkpoint:  # no mid-stage state is ever written
         disk["total"] -= disk["state"]
         disk["state"] = 0

@@ -17,7 +17,7 @@ import torch
 
 from .. import faults
 from ..method.canvas import Band, GuideBand
-from ..method.cascade import diffuse
+from ..method.cascade import add_guide_, diffuse
 from ..method.stages import Settings, StageContext, StagePlan, stage_patch_count
 from ..slides.checkpoint import LoadedModel
 from ..slides.store import SlideStore
@@ -62,11 +62,16 @@ def contexts(model: LoadedModel, plans: list[StagePlan], settings: Settings, see
     for p in plans:
         first = p.index == 0
         out.append(StageContext(
-            denoiser=model.denoiser, settings=settings, seed=seed, stage=p.index,
+            denoiser=model.denoiser, settings=settings.for_stage(p.index, len(plans) - 1), seed=seed, stage=p.index,
             height=m if first else p.height, width=m if first else p.width, mpp=p.mpp,
             patch=m, k=k, background=bg, device=device, guided=not first,
             shift=settings.grid_shift and not first))
     return out
+
+
+def channels_arg(settings: Settings) -> dict:
+    """``allocate``'s channel count, given only for a multistep solver (x plus its history)."""
+    return {"channels": settings.channels} if settings.multistep else {}
 
 
 def total_patches(ctxs: list[StageContext]) -> int:
@@ -105,7 +110,7 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
     state_stage, state_step = todo[-2:]
     if topo.rank == 0:
         done = sum(stage_patch_count(c, i) for c in ctxs if not todo[c.stage]
-                   for i in range(settings.steps))
+                   for i in range(c.settings.steps))
         progress.start(total_patches(ctxs), done)
     L = len(plans) - 1
     pending: WriteBehind | None = None  # the stage being written behind, not yet marked complete
@@ -126,7 +131,7 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
             l = ctx.stage
             if not todo[l]:
                 continue
-            resume = state_stage == l and 0 < state_step < settings.steps
+            resume = state_stage == l and 0 < state_step < ctx.settings.steps
             start = state_step if resume else 0
             big = overlap and ctx.height * ctx.width >= min_pixels
             stage_workers = workers if big else 1
@@ -153,12 +158,14 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
                     futures_wait([prefetch])
             if prefetch is not None:
                 guide = prefetch.result()
+            if l > 0 and not resume and ctx.settings.start_sigma is not None:
+                add_guide_(band, guide, ctx.k)  # the part-way start: x_0 = A†y + S·ε
             if topo.rank == 0:  # patches of steps done before an interruption count as progress
                 progress.advance(sum(stage_patch_count(ctx, i) for i in range(start)))
 
             def on_patches(step: int, n: int, ctx=ctx) -> None:
                 settle(wait=False)
-                progress.stage(ctx.stage, L + 1, step, settings.steps)
+                progress.stage(ctx.stage, L + 1, step, ctx.settings.steps)
                 progress.advance(n)  # this rank's patches; a distributed Progress adds up all ranks
 
             steps_done = [start]
@@ -168,7 +175,7 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
                 n = step + 1
                 steps_done[0] = n
                 settle(wait=False)
-                if checkpoint_every and n % checkpoint_every == 0 and n < settings.steps:
+                if checkpoint_every and n % checkpoint_every == 0 and n < ctx.settings.steps:
                     settle()  # the last stage is complete before a checkpoint of this one
                     band = save_state(store, ctx, band, n, topo)
                     saved[0] = n
@@ -178,7 +185,7 @@ def run(store: SlideStore, model: LoadedModel, plans: list[StagePlan], settings:
                     stop = topo.all_sum(int(stop)) > 0  # every rank stops at the same step
                 if stop:
                     settle()
-                    if n < settings.steps and not (checkpoint_every and n % checkpoint_every == 0):
+                    if n < ctx.settings.steps and not (checkpoint_every and n % checkpoint_every == 0):
                         band = save_state(store, ctx, band, n, topo)  # nothing computed is lost
                     stopping.stop_now()
                 return band
@@ -250,7 +257,7 @@ def _initial_band(store: SlideStore, ctx: StageContext, topo: Topology, start: i
     if checkpoint_every:
         spans.append(topo.stage_rows(ctx.height, state_chunk(ctx)))
     band = topo.allocate(ctx.height, ctx.width, y0, y1, hull(spans), state_device,
-                         ctx.settings.state_torch_dtype)
+                         ctx.settings.state_torch_dtype, **channels_arg(ctx.settings))
     if resume:
         read_state(store, band, workers)
     else:

@@ -58,8 +58,26 @@ def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Se
                                    settings.batch, sum(p.numel() for p in lm.denoiser.parameters()),
                                    settings.state_torch_dtype.itemsize)
     state = min(mem["state"], 3 * plans[-1].height * plans[-1].width * settings.state_torch_dtype.itemsize)
+    state *= 2 if settings.multistep else 1  # a multistep solver's history is a second band
     free = preflight.device_free_memory(dev) if dev.type == "cuda" else None
     return preflight.state_device(choice, dev.type, state, mem["buffers"] + mem["model"], free)
+
+
+def history_arg(settings: stages.Settings) -> dict:
+    """``preflight.estimate``'s history flag, given only for a multistep solver."""
+    return {"history": True} if settings.multistep else {}
+
+
+def schedule_line(cfg: SlideConfig, settings: stages.Settings, last: int) -> str:
+    """One log line: the schedule options in effect and each stage's steps."""
+    per = [settings.for_stage(l, last).steps for l in range(last + 1)]
+    parts = [f"preset {cfg.preset}"] if cfg.preset else []
+    if cfg.guided_sigma is not None:
+        parts.append(f"projected while t ≥ σ_r = {cfg.guided_sigma:.4g}")
+    if cfg.start_sigma is not None:
+        parts.append(f"guided stages start at σ = {cfg.start_sigma:g}")
+    parts.append("steps per stage " + ",".join(map(str, per)))
+    return "schedule: " + "; ".join(parts)
 
 
 def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
@@ -75,7 +93,7 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
             processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
             checkpoint=checkpoint_every > 0, device_type=dev.type,
             state_bytes=settings.state_torch_dtype.itemsize,
-            on_disk=store.disk_bytes() if store is not None else 0)
+            on_disk=store.disk_bytes() if store is not None else 0, **history_arg(settings))
         try:
             preflight.check(needs, out)
         except WsigenError as e:
@@ -156,6 +174,8 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
         log(f"{cfg.width}x{cfg.height} px at {cfg.mpp:g} µm/px: L = {len(plans) - 1}, "
             f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
             f"{settings.guided_steps} guided, model {cfg.model} ({lm.sha256[:12]}), seed {cfg.seed}")
+        if cfg.preset or cfg.guided_sigma is not None or cfg.start_sigma is not None or cfg.stage_steps:
+            log(schedule_line(cfg, settings, len(plans) - 1))
     lm = replace(lm, denoiser=accel.prepare(lm.denoiser, dev, channels_last=settings.channels_last,
                                             compile=settings.compile))
     where = _state_device(spec.state_device, dev, plans, lm, settings, topo.world)
@@ -185,7 +205,8 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
         "stages": len(plans), "L": len(plans) - 1, "s0": plans[0].mpp,
         "mpp_per_stage": [p.mpp for p in plans], "model": cfg.model,
         "model_sha256": cfg.model_sha256, "seed": cfg.seed, "steps": cfg.steps,
-        "guided_steps": cfg.guided_steps, "device": dev.type,
+        "guided_steps": cfg.guided_steps, "device": dev.type, "solver": cfg.solver,
+        "steps_per_stage": [settings.for_stage(p.index, len(plans) - 1).steps for p in plans],
         "evaluations": topo.all_sum(stats["evaluations"]), "patches": topo.all_sum(stats["patches"]),
         "skipped": topo.all_sum(stats["skipped"]), "wall_s": round(wall, 3), "version": __version__,
         "skip_background": cfg.skip_background,

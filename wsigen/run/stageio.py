@@ -19,7 +19,7 @@ from ..errors import WsigenError
 from ..method import keys
 from ..method.canvas import Band, GuideBand, quantize_, to_uint8
 from ..method.stages import StageContext
-from ..slides.store import CHUNK, STATE, SlideStore, bounded_map, default_workers
+from ..slides.store import CHUNK, HISTORY, STATE, SlideStore, bounded_map, default_workers
 from .topology import Topology
 
 
@@ -80,7 +80,8 @@ def fill_noise(ctx: StageContext, band: Band, workers: int = 1) -> None:
     ε is keyed per tile (design.md §2), so the bytes depend neither on the split nor on the
     order; numpy's generators and torch's copies release the GIL, so the threads run in parallel.
     """
-    sigma = ctx.settings.sigma_max
+    s = ctx.settings
+    sigma = s.sigma_max if s.start_sigma is None else s.start_sigma  # a part-way start adds A†y after
 
     def one(block) -> None:
         (a, b), (x0, x1) = block
@@ -93,7 +94,8 @@ def fill_noise(ctx: StageContext, band: Band, workers: int = 1) -> None:
 
 
 def read_state(store: SlideStore, band: Band, workers: int = 1) -> None:
-    """The saved mid-stage state into ``band``, by chunk row × column block on ``workers`` threads.
+    """The saved mid-stage state into ``band``, by chunk row × column block on ``workers`` threads
+    (and a multistep solver's history from ``state/d`` when the band has room for it).
 
     A missing chunk would read as zeros: refused instead (``SlideStore.trust_marks`` checks first).
     """
@@ -103,10 +105,22 @@ def read_state(store: SlideStore, band: Band, workers: int = 1) -> None:
         raise WsigenError(f"{store.path}: the checkpoint state/ lacks {gaps} chunks; refusing to read it "
                           "as zeros")
     cols = max(x.chunks[2], _NOISE_COLS // x.chunks[2] * x.chunks[2])
+    hist = None
+    if band.data.shape[0] > 3:
+        if HISTORY not in store.group:
+            raise WsigenError(f"{store.path}: the checkpoint lacks the multistep history (state/d); "
+                              f"the store is damaged")
+        hist = store.group[HISTORY]
+        gaps = store.missing_chunks(HISTORY) if hasattr(store, "missing_chunks") else 0
+        if gaps:
+            raise WsigenError(f"{store.path}: the checkpoint's history state/d lacks {gaps} chunks; refusing "
+                              "to read it as zeros")
 
     def one(block) -> None:
         (a, b), (x0, x1) = block
         band.rows(a, b)[:, :, x0:x1].copy_(torch.from_numpy(np.asarray(x[:, a:b, x0:x1])))
+        if hist is not None:
+            band.history(a, b)[:, :, x0:x1].copy_(torch.from_numpy(np.asarray(hist[:, a:b, x0:x1])))
 
     blocks = ((r, c) for r in tile_rows(band.y0, band.y1, x.chunks[1])
               for c in tile_rows(0, band.width, cols))
@@ -229,20 +243,30 @@ def state_array(store: SlideStore):
 
 def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo: Topology) -> Band:
     """Write the state (in its dtype) after ``step`` steps, chunk-aligned per process, then record it."""
-    arr = (store.begin_state(ctx.stage, ctx.height, ctx.width, dtype=ctx.settings.state_dtype)
-           if topo.rank == 0 else None)
+    multi = ctx.settings.multistep
+    arr = hist = None
+    if topo.rank == 0:
+        arr = store.begin_state(ctx.stage, ctx.height, ctx.width, dtype=ctx.settings.state_dtype)
+        if multi:
+            hist = store.history_array(ctx.height, ctx.width, arr.chunks[1], dtype=ctx.settings.state_dtype)
     topo.barrier()
     if arr is None:
         arr = state_array(store)
+        if multi:
+            hist = store.array(HISTORY) if hasattr(store, "array") else store.group[HISTORY]
     a, b = topo.stage_rows(ctx.height, arr.chunks[1])
     band = topo.regroup(band, a, b, kind="state")
     c = arr.chunks[1]
     for y in range(a, b, c):
         e = min(y + c, b)
         arr[:, y:e, :] = band.rows(y, e).cpu().numpy()
+        if hist is not None:  # the history moves with the rows and is saved beside x
+            hist[:, y:e, :] = band.history(y, e).cpu().numpy()
         faults.point("state-chunk", y)
     if hasattr(store, "sync_rows"):
         store.sync_rows(STATE, range(a // c, -(-b // c)))  # this process's chunks, before the record
+        if hist is not None:
+            store.sync_rows(HISTORY, range(a // c, -(-b // c)))
     topo.barrier()
     if topo.rank == 0:
         store.commit_state(ctx.stage, step)

@@ -29,9 +29,11 @@ class Topology:
         return band
 
     def allocate(self, height: int, width: int, y0: int, y1: int, reserve: Span,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Band:
-        """An uninitialised band of rows [y0, y1); ``reserve``: every row it may hold this stage."""
-        return Band(height, width, y0, y1, torch.empty(3, y1 - y0, width, device=device, dtype=dtype))
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 channels: int = 3) -> Band:
+        """An uninitialised band of rows [y0, y1); ``reserve``: every row it may hold this stage.
+        ``channels`` 6: x and a multistep solver's history."""
+        return Band(height, width, y0, y1, torch.empty(channels, y1 - y0, width, device=device, dtype=dtype))
 
     def release(self) -> None:
         """Forget the stage's buffers."""

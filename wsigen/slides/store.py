@@ -32,6 +32,7 @@ from .store_meta import damage, is_store, ngff_attrs, prepare_output  # noqa: F4
 
 CHUNK = 512
 STATE = "state/x"
+HISTORY = "state/d"  # a multistep solver's previous data prediction, beside state/x
 # What the "wsigen" attributes must say besides what the store adds (design.md §4).
 REQUIRED_INFO = ("torch_version", "config", "key", "model", "seed", "mpp_per_stage")
 # Every chunk is stored, even an all-zero one, so "every chunk exists" is checkable by listing;
@@ -186,6 +187,8 @@ class SlideStore:
         st = i.get("state")
         if st is not None:
             gaps = self.missing_chunks(STATE) if STATE in self.group else None
+            if gaps is not None and HISTORY in self.group:  # a multistep solver's history beside it
+                gaps += self.missing_chunks(HISTORY)
             if gaps is None or gaps:
                 changes["state"] = None
                 if log:
@@ -279,13 +282,22 @@ class SlideStore:
             arr = self._array(STATE, (height, width), chunk, dtype=dtype)
         return arr.with_config(_ARRAY_CONFIG)
 
+    def history_array(self, height: int, width: int, chunk: int = CHUNK, dtype: str = "float32") -> zarr.Array:
+        """The multistep history's array of the checkpoint being written (``begin_state`` first)."""
+        arr = self.group.get(HISTORY)
+        if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
+            arr = self._array(HISTORY, (height, width), chunk, dtype=dtype)
+        return arr.with_config(_ARRAY_CONFIG)
+
     def commit_state(self, stage: int, step: int) -> None:
         """Record that state/ holds stage ``stage`` after ``step`` steps (all chunks written and
         ``sync_rows``-ed by their writers before): the folders, then the record, durably."""
-        gaps = self.missing_chunks(STATE)
+        names = [STATE] + ([HISTORY] if HISTORY in self.group else [])
+        gaps = sum(self.missing_chunks(n) for n in names)
         if gaps:
             raise WsigenError(f"{self.path}: {gaps} chunks of the checkpoint are missing after writing it")
-        self.sync_dirs(STATE)
+        for n in names:
+            self.sync_dirs(n)
         self.update_info(state={"stage": stage, "step": step})
 
     def drop_state(self) -> None:
