@@ -84,9 +84,10 @@ class Batches:
             self._it = iter(self._loader)
         imgs, s = next(self._it)
         nb = self.device.type == "cuda"
-        x = imgs.to(self.device, non_blocking=nb).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        # NCHW in uint8 first (a quarter of the bytes to move), then one float pass: same values
+        x = imgs.to(self.device, non_blocking=nb).permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1)
         self.waited += time.perf_counter() - t0
-        return x.contiguous(), s.to(self.device, non_blocking=nb)
+        return x, s.to(self.device, non_blocking=nb)
 
     def close(self) -> None:
         """Stop the workers now (a stopped run must not wait for prefetched batches)."""
