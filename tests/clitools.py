@@ -41,3 +41,19 @@ def wsigen(*args, fault: str | None = None, fsize: int | None = None,
 
     return subprocess.run([sys.executable, "-c", "from wsigen.cli import main; main()", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=180, preexec_fn=limit)
+
+
+def interrupt_at(monkeypatch, point: str, detail: tuple):
+    """Ctrl-C (KeyboardInterrupt) at the fault point ``point`` whose detail starts with ``detail``,
+    in this process; returns the real ``faults.point`` (``monkeypatch.undo()`` restores it)."""
+    from wsigen import faults
+
+    real = faults.point
+
+    def interrupt(name, *d):
+        if name == point and d[: len(detail)] == detail:
+            raise KeyboardInterrupt
+        real(name, *d)
+
+    monkeypatch.setattr(faults, "point", interrupt)
+    return real

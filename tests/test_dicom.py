@@ -38,18 +38,6 @@ needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (Debian d
 
 
 @pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    """1300 × 1000 px, chunks 256, four levels down to ≤ 256 px (the last one odd: 163 × 125)."""
-    return make_store(tmp_path_factory.mktemp("slide") / "slide.zarr", 1300, 1000, chunk=256,
-                      min_side=256, mpp=MPP, seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def levels(slide):
-    return [np.asarray(slide.level_array(i)[:]).transpose(1, 2, 0) for i in range(4)]
-
-
-@pytest.fixture(scope="module")
 def exported(slide, tmp_path_factory):
     """One export per transfer syntax: {compression: (folder, summary)}."""
     d = tmp_path_factory.mktemp("dicom")

@@ -29,19 +29,6 @@ MPP, SEED, TILE = 0.25, 5, 256
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def slide(tmp_path_factory):
-    """1300 × 1000 px of tissue-like pixels, chunks 256, levels down to ≤ 256 px (4 levels)."""
-    return make_store(tmp_path_factory.mktemp("slide") / "slide.zarr", 1300, 1000, chunk=256,
-                      min_side=256, mpp=MPP, seed=SEED)
-
-
-@pytest.fixture(scope="module")
-def levels(slide):
-    """The store's levels as (H, W, 3)."""
-    return [np.asarray(slide.level_array(i)[:]).transpose(1, 2, 0) for i in range(4)]
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clitools import interrupt_at
 from typer.testing import CliRunner
 
-from wsigen import api, faults
+from wsigen import api
 from wsigen.cli.app import app
 from wsigen.slides.store import SlideStore
 
@@ -92,14 +93,7 @@ def test_interrupt_then_resume_with_stored_configuration(tmp_path, tiny_model, r
     """Ctrl-C after the last stage (before the pyramid): exit 130 with the resume hint; options that
     contradict the store are refused; the stored configuration finishes the same bytes."""
     out = tmp_path / "i.zarr"
-    real = faults.point
-
-    def interrupt(name, *detail):
-        if name == "stage" and detail == (3,):
-            raise KeyboardInterrupt
-        real(name, *detail)
-
-    monkeypatch.setattr(faults, "point", interrupt)
+    interrupt_at(monkeypatch, "stage", (3,))
     r = cli("sample", "--model", tiny_model, *ARGS, "-o", out)
     monkeypatch.undo()
     assert r.exit_code == 130
@@ -127,14 +121,7 @@ def test_resume_of_missing_store(tmp_path):
 
 def test_python_api_resume(tmp_path, tiny_model, reference, monkeypatch):
     out = tmp_path / "p.zarr"
-    real = faults.point
-
-    def interrupt(name, *detail):
-        if name == "stage" and detail == (1,):
-            raise KeyboardInterrupt
-        real(name, *detail)
-
-    monkeypatch.setattr(faults, "point", interrupt)
+    interrupt_at(monkeypatch, "stage", (1,))
     with pytest.raises(KeyboardInterrupt):
         api.sample(out, "160x128", model=str(tiny_model), steps=4, device="cpu", threads=1, seed=3,
                    checkpoint_every=0)

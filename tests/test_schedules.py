@@ -165,17 +165,10 @@ def test_bad_schedule_options_are_one_line_usage_errors(tmp_path, args, needle, 
 
 
 def test_resume_refuses_schedule_changes(tmp_path, monkeypatch):
-    from wsigen import faults
+    from clitools import interrupt_at
 
     out = tmp_path / "r.zarr"
-    real = faults.point
-
-    def interrupt(name, *detail):
-        if name == "stage" and detail == (1,):
-            raise KeyboardInterrupt
-        real(name, *detail)
-
-    monkeypatch.setattr(faults, "point", interrupt)
+    interrupt_at(monkeypatch, "stage", (1,))
     with pytest.raises(KeyboardInterrupt):
         api.sample(out, "128x96", steps=4, **G)  # an old-style store: no schedule keys
     monkeypatch.undo()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from clitools import interrupt_at
 
 from wsigen import api, faults
 from wsigen.errors import UsageError
@@ -62,14 +63,7 @@ def test_float16_band_and_estimate_are_half():
 def test_float16_resume_is_byte_identical(tmp_path, tiny_model, pair, monkeypatch):
     """Interrupted mid-stage (the checkpoint holds the float16 state as float16) and resumed."""
     out = tmp_path / "r.zarr"
-    real = faults.point
-
-    def interrupt(name, *detail):
-        if name == "step" and detail[:2] == (2, 3):
-            raise KeyboardInterrupt
-        real(name, *detail)
-
-    monkeypatch.setattr(faults, "point", interrupt)
+    real = interrupt_at(monkeypatch, "step", (2, 3))
     with pytest.raises(KeyboardInterrupt):
         api.sample(out, 128, model=str(tiny_model), state_dtype="float16", checkpoint_every=1)
     monkeypatch.setattr(faults, "point", real)

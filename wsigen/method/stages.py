@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UsageError
-from . import edm, gridshift, schedules
+from . import gridshift, schedules
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Settings:
     def sigmas(self) -> list[float]:
         """t_0 … t_N of this (per-stage) schedule: from the start level, or σ_max."""
         top = self.sigma_max if self.start_sigma is None else self.start_sigma
-        return edm.karras_sigmas(edm.Schedule(self.steps, self.sigma_min, top, self.rho))
+        return schedules.stage_schedule(self.steps, self.sigma_min, top, self.rho)
 
     def projected(self, i: int, t: list[float]) -> bool:
         """Algorithm 1's relaxation: step i is projected while i < r, or while t_i ≥ σ_r."""
@@ -108,9 +108,6 @@ class Settings:
     def state_torch_dtype(self) -> torch.dtype:
         """The dtype the state (x of every pixel) is held in between steps."""
         return torch.float16 if self.state_dtype == "float16" else torch.float32
-
-    def schedule(self) -> edm.Schedule:
-        return edm.Schedule(self.steps, self.sigma_min, self.sigma_max, self.rho)
 
     def validate(self) -> Settings:
         if self.steps < 2:

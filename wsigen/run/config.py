@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, WsigenError
+from .presets import SCHEDULE_FIELDS, check_preset, schedule_record
+from .presets import resolve as resolve_schedule
 from .source import Source
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 DEFAULT_BG_TOLERANCE = 4.0  # grey levels
 MAX_SIDE = 2**22
 SOLVERS = ("heun", "euler", "dpmpp2m")
-SCHEDULE_FIELDS = ("guided_sigma", "start_sigma", "stage_steps", "preset")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STATE_DTYPES = ("float32", "float16")
 DEVICES = ("cpu", "cuda", "auto")
@@ -125,8 +126,6 @@ class Request:
 
     def _validate_schedule(self) -> None:
         """The schedule options that can be checked without the model (run/presets.py)."""
-        from .presets import check_preset
-
         check_preset(self.preset)
         if self.guided_sigma is not None and self.guided_steps is not None:
             raise UsageError("--guided-sigma and --guided-steps exclude each other (one relaxation rule)")
@@ -217,8 +216,6 @@ class SlideConfig:
     def resolve(cls, request: Request, lm: LoadedModel, spec: str, device: torch.device,
                 source: Source | None = None, upscale_stages: int | None = None) -> SlideConfig:
         """The request with every missing value taken from the model (or the built-in default)."""
-        from .presets import resolve as resolve_schedule
-
         mc, r = lm.config, request
         sched = resolve_schedule(r, mc)
         steps, guided = sched.steps, sched.guided_steps
@@ -246,22 +243,16 @@ class SlideConfig:
         """The flat ``config`` dict of the store (upscale runs add ``input`` and ``upscale_stages``)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
              if f.name not in ("source", "upscale_stages", *SCHEDULE_FIELDS)}
-        for k in SCHEDULE_FIELDS:  # only when set: a run without them stores what it always did
-            v = getattr(self, k)
-            if v is not None:
-                d[k] = list(v) if k == "stage_steps" else v
+        d.update(schedule_record(self, SCHEDULE_FIELDS))  # only when set: older runs store what they did
         if self.source is not None:
             d["input"] = self.source.describe()
             d["upscale_stages"] = self.upscale_stages
         return d
 
     def key(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.KEY_FIELDS}
-        for k in SCHEDULE_FIELDS[:-1]:  # the resolved schedule; the preset's name is provenance
-            v = getattr(self, k)
-            if v is not None:
-                d[k] = list(v) if k == "stage_steps" else v
-        return d
+        # the resolved schedule when set; the preset's name is provenance only
+        return {**{k: getattr(self, k) for k in self.KEY_FIELDS},
+                **schedule_record(self, SCHEDULE_FIELDS[:-1])}
 
     @classmethod
     def from_store(cls, cfg: dict[str, Any]) -> SlideConfig:

@@ -21,10 +21,9 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
     """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
     if world < 1:
         raise UsageError(f"process count must be at least 1 (got {world})")
-    if state_dtype not in ("float32", "float16"):
-        raise UsageError(f"--state-dtype must be float32 or float16 (got {state_dtype})")
     req = Request.of(steps=steps, solver=solver, preset=preset, guided_steps=guided_steps,
-                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps)
+                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps,
+                     state_dtype=state_dtype)
     lm = checkpoint.load_model(model, patch=patch)
     mc = lm.config
     w, h = parse_size(size or mc["recommended_size"])
@@ -46,10 +45,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
                                                           2 if state_dtype == "float16" else 4,
                                                           history=history),
            "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4, history=history)}
-    for k in ("guided_sigma", "start_sigma", "stage_steps", "preset"):
-        v = getattr(sched, k)
-        if v is not None:
-            out[k] = list(v) if k == "stage_steps" else v
+    out.update(sched.record())
     if measure:
         from .throughput import measure_throughput
 

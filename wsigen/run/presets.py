@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from ..method import edm, schedules
+from ..method import schedules
 
 PRESET_NAMES = ("paper", "fast")
 
@@ -46,6 +46,24 @@ class Resolved:
     stage_steps: tuple[int, ...] | None
     preset: str | None
 
+    def record(self) -> dict:
+        """The schedule options that are set, as the store's configuration records them."""
+        return schedule_record(self, SCHEDULE_FIELDS)
+
+
+#: The schedule options a configuration records only when set (older stores lack them)
+SCHEDULE_FIELDS = ("guided_sigma", "start_sigma", "stage_steps", "preset")
+
+
+def schedule_record(obj, names) -> dict:
+    """``names`` of ``obj`` that are not None, ``stage_steps`` as a list (JSON)."""
+    out = {}
+    for k in names:
+        v = getattr(obj, k)
+        if v is not None:
+            out[k] = list(v) if k == "stage_steps" else v
+    return out
+
 
 def check_preset(name: str | None) -> None:
     if name is not None and name not in PRESET_NAMES:
@@ -53,10 +71,7 @@ def check_preset(name: str | None) -> None:
 
 
 def resolve(req, mc: dict) -> Resolved:
-    """``req``: a ``config.Request`` (or anything with its schedule fields); ``mc``: model config."""
-    check_preset(req.preset)
-    if req.guided_sigma is not None and req.guided_steps is not None:
-        raise UsageError("--guided-sigma and --guided-steps exclude each other (one relaxation rule)")
+    """``req``: a validated ``config.Request`` (the options' own checks are its); ``mc``: model config."""
     given = {k: getattr(req, k) for k in ("steps", "guided_steps", "solver", "guided_sigma", "start_sigma",
                                           "stage_steps")}
     if req.preset is not None:
@@ -68,14 +83,14 @@ def resolve(req, mc: dict) -> Resolved:
     start, stage_steps = given["start_sigma"], given["stage_steps"]
     if stage_steps is not None:
         stage_steps = schedules.parse_stage_steps(stage_steps)
-    plain = edm.karras_sigmas(edm.Schedule(steps, mc["sigma_min"], mc["sigma_max"], mc["rho"]))
+    plain = schedules.stage_schedule(steps, mc["sigma_min"], mc["sigma_max"], mc["rho"])
     sigma = given["guided_sigma"]
     r = given["guided_steps"]
     if sigma is None and (start is not None or stage_steps is not None):
         if r is not None:  # the user's r on the plain schedule
             sigma = schedules.sigma_for_index(plain, r)
         else:  # the model's recorded r on the model's own schedule
-            own = edm.karras_sigmas(edm.Schedule(mc["steps"], mc["sigma_min"], mc["sigma_max"], mc["rho"]))
+            own = schedules.stage_schedule(mc["steps"], mc["sigma_min"], mc["sigma_max"], mc["rho"])
             sigma = schedules.sigma_for_index(own, mc["guided_steps"])
     if r is None:
         if sigma is not None:  # what σ_r means on the plain schedule (for the log and the report)

@@ -100,21 +100,18 @@ def read_state(store: SlideStore, band: Band, workers: int = 1) -> None:
     A missing chunk would read as zeros: refused instead (``SlideStore.trust_marks`` checks first).
     """
     x = store.group[STATE]
-    gaps = store.missing_chunks(STATE) if hasattr(store, "missing_chunks") else 0
-    if gaps:
-        raise WsigenError(f"{store.path}: the checkpoint state/ lacks {gaps} chunks; refusing to read it "
-                          "as zeros")
-    cols = max(x.chunks[2], _NOISE_COLS // x.chunks[2] * x.chunks[2])
     hist = None
     if band.data.shape[0] > 3:
         if HISTORY not in store.group:
             raise WsigenError(f"{store.path}: the checkpoint lacks the multistep history (state/d); "
                               f"the store is damaged")
         hist = store.group[HISTORY]
-        gaps = store.missing_chunks(HISTORY) if hasattr(store, "missing_chunks") else 0
+    for name in (STATE,) + ((HISTORY,) if hist is not None else ()):
+        gaps = store.missing_chunks(name)
         if gaps:
-            raise WsigenError(f"{store.path}: the checkpoint's history state/d lacks {gaps} chunks; refusing "
-                              "to read it as zeros")
+            raise WsigenError(f"{store.path}: the checkpoint {name} lacks {gaps} chunks; refusing to read "
+                              "it as zeros")
+    cols = max(x.chunks[2], _NOISE_COLS // x.chunks[2] * x.chunks[2])
 
     def one(block) -> None:
         (a, b), (x0, x1) = block
@@ -237,10 +234,6 @@ def state_chunk(ctx: StageContext) -> int:
     return min(CHUNK, max(ctx.height, ctx.width))
 
 
-def state_array(store: SlideStore):
-    return store.array("state/x") if hasattr(store, "array") else store.group["state/x"]
-
-
 def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo: Topology) -> Band:
     """Write the state (in its dtype) after ``step`` steps, chunk-aligned per process, then record it."""
     multi = ctx.settings.multistep
@@ -251,9 +244,9 @@ def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo
             hist = store.history_array(ctx.height, ctx.width, arr.chunks[1], dtype=ctx.settings.state_dtype)
     topo.barrier()
     if arr is None:
-        arr = state_array(store)
+        arr = store.array(STATE)
         if multi:
-            hist = store.array(HISTORY) if hasattr(store, "array") else store.group[HISTORY]
+            hist = store.array(HISTORY)
     a, b = topo.stage_rows(ctx.height, arr.chunks[1])
     band = topo.regroup(band, a, b, kind="state")
     c = arr.chunks[1]
@@ -263,10 +256,8 @@ def save_state(store: SlideStore, ctx: StageContext, band: Band, step: int, topo
         if hist is not None:  # the history moves with the rows and is saved beside x
             hist[:, y:e, :] = band.history(y, e).cpu().numpy()
         faults.point("state-chunk", y)
-    if hasattr(store, "sync_rows"):
-        store.sync_rows(STATE, range(a // c, -(-b // c)))  # this process's chunks, before the record
-        if hist is not None:
-            store.sync_rows(HISTORY, range(a // c, -(-b // c)))
+    for name in (STATE,) + ((HISTORY,) if hist is not None else ()):
+        store.sync_rows(name, range(a // c, -(-b // c)))  # this process's chunks, before the record
     topo.barrier()
     if topo.rank == 0:
         store.commit_state(ctx.stage, step)

@@ -277,16 +277,17 @@ class SlideStore:
         """
         if self.state_info() is not None:
             self.update_info(state=None)
-        arr = self.group.get(STATE)
-        if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
-            arr = self._array(STATE, (height, width), chunk, dtype=dtype)
-        return arr.with_config(_ARRAY_CONFIG)
+        return self._checkpoint_array(STATE, height, width, chunk, dtype)
 
     def history_array(self, height: int, width: int, chunk: int = CHUNK, dtype: str = "float32") -> zarr.Array:
         """The multistep history's array of the checkpoint being written (``begin_state`` first)."""
-        arr = self.group.get(HISTORY)
+        return self._checkpoint_array(HISTORY, height, width, chunk, dtype)
+
+    def _checkpoint_array(self, name: str, height: int, width: int, chunk: int, dtype: str) -> zarr.Array:
+        """``name`` of the checkpoint, reused when its shape and dtype fit, else made anew."""
+        arr = self.group.get(name)
         if arr is None or arr.shape != (3, height, width) or arr.dtype != np.dtype(dtype):
-            arr = self._array(HISTORY, (height, width), chunk, dtype=dtype)
+            arr = self._array(name, (height, width), chunk, dtype=dtype)
         return arr.with_config(_ARRAY_CONFIG)
 
     def commit_state(self, stage: int, step: int) -> None:
