@@ -182,6 +182,8 @@ def model_init(
     steps: Annotated[int, typer.Option(help="Default steps N.", min=2)] = 40,
     guided_steps: Annotated[int, typer.Option(help="Default guided steps r.", min=0)] = 28,
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+    classes: Annotated[str | None, typer.Option(
+        help="Make it class-conditional: comma-separated class names (at least two), e.g. tumour,normal.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the config as JSON.")] = False,
 ):
@@ -195,6 +197,7 @@ def model_init(
     except ValueError:
         raise UsageError("--mults takes comma-separated integers") from None
     a = archs.parse_levels(attn, "--attn")
+    names = archs.parse_classes(classes)
     if arch is not None:
         base = archs.resolve(arch)
         net, patch = base.net, patch if patch is not None else base.patch
@@ -208,13 +211,14 @@ def model_init(
         raise WsigenError(f"output {output} exists; pass --overwrite to replace it")
     arch_d = {"width": net.width, "mults": list(net.mults), "blocks": net.blocks,
               "attn_levels": list(net.attn_levels), "dropout": net.dropout, "emb_freqs": net.emb_freqs}
-    sha = checkpoint.init_model(output, arch_d, seed=seed, patch=patch,
+    sha = checkpoint.init_model(output, arch_d, seed=seed, patch=patch, classes=names,
                                 mpp_range=[mpp_min, mpp_max], final_mpp=final_mpp,
                                 recommended_size=recommended_size, steps=steps, guided_steps=guided_steps)
     cfg = checkpoint.read_config(output)
     mults_text = ",".join(map(str, net.mults))
     _emit({"output": str(output), "sha256": sha, "config": cfg}, as_json,
-          f"wrote {output} (sha256 {sha[:12]}…, patch {patch}, width {net.width}, mults {mults_text})")
+          f"wrote {output} (sha256 {sha[:12]}…, patch {patch}, width {net.width}, mults {mults_text}"
+          + (f", classes {', '.join(names)})" if names else ")"))
 
 
 @model_app.command("info")

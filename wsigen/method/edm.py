@@ -54,12 +54,16 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: class per sample (−1: none), for a class-conditional F; None: no class."""
         shape = (-1, 1, 1, 1)
         sigma = sigma.to(torch.float32).reshape(-1).expand(x.shape[0])
         mpp = mpp.to(torch.float32).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = scalings(sigma, self.sigma_data)
-        f = self.net((c_in.reshape(shape) * x).to(x.dtype), c_noise, mpp.log())
+        args = (c_noise, mpp.log()) if labels is None else (
+            c_noise, mpp.log(), labels.reshape(-1).expand(x.shape[0]))
+        f = self.net((c_in.reshape(shape) * x).to(x.dtype), *args)
         return c_skip.reshape(shape) * x + c_out.reshape(shape) * f.to(torch.float32)
 
 

@@ -106,3 +106,18 @@ def parse_levels(text: str | None, what: str = "--attn-levels") -> tuple[int, ..
     if any(v < 0 for v in vals):
         raise UsageError(f"{what} must be level indices ≥ 0 (got {text!r})")
     return vals
+
+
+def parse_classes(text: str | None, what: str = "--classes", at_least: int = 2) -> list[str] | None:
+    """'tumour,normal' → ['tumour', 'normal'] (distinct, non-empty); None → None (not given)."""
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",")]
+    if any(not n for n in names):
+        raise UsageError(f"{what} takes comma-separated class names (got {text!r})")
+    if len(set(names)) != len(names):
+        raise UsageError(f"{what} names a class twice (got {text!r})")
+    if len(names) < at_least:
+        raise UsageError(f"{what} needs at least {at_least} classes (got {text!r}); "
+                         "one class is a class-free model")
+    return names

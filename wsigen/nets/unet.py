@@ -1,4 +1,9 @@
-"""A UNet F(x; c_noise, log s) conditioned on noise level and µm/px (sinusoidal embeddings).
+"""A UNet F(x; c_noise, log s[, c]) conditioned on noise level and µm/px (sinusoidal embeddings)
+and, when built with ``classes`` > 0, on a tissue class.
+
+The class embedding is a learned vector per class added to the noise/µm/px features before the
+embedding MLP; label −1 ("no class") adds nothing, so a no-class call is exactly the class-free
+network's call (classifier-free guidance trains both in one network by label dropout).
 
 Width, depth (channel multipliers), residual blocks per level and attention levels are
 configurable. GroupNorm works per sample, so a patch's output does not depend on its batch-mates.
@@ -22,16 +27,20 @@ class UNetConfig:
     attn_levels: tuple[int, ...] = ()  # level index (0 = full resolution) with self-attention
     emb_freqs: int = 16
     dropout: float = 0.0
+    #: number of tissue classes (0: class-free; the checkpoint config names them)
+    classes: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mults"], d["attn_levels"] = list(self.mults), list(self.attn_levels)
+        if not self.classes:  # class-free configs (and their checkpoints) read as before
+            del d["classes"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
-        keys = {"width", "mults", "blocks", "attn_levels", "emb_freqs", "dropout"}
+        keys = {"width", "mults", "blocks", "attn_levels", "emb_freqs", "dropout", "classes"}
         unknown = set(d) - keys - {"name", "extra"}
         if unknown:
             raise ValueError(f"unknown UNet config fields: {sorted(unknown)}")
@@ -42,6 +51,8 @@ class UNetConfig:
         cfg = cls(**kw)
         if cfg.width < 4 or cfg.width % 4 or not cfg.mults or cfg.blocks < 1:
             raise ValueError("UNet config needs width ≥ 4 (multiple of 4), mults, blocks ≥ 1")
+        if not isinstance(cfg.classes, int) or isinstance(cfg.classes, bool) or cfg.classes < 0:
+            raise ValueError(f"classes must be an integer ≥ 0 (got {cfg.classes!r})")
         if any(not 0 <= a < len(cfg.mults) for a in cfg.attn_levels):
             raise ValueError("attn_levels must index the levels of mults")
         return cfg
@@ -107,6 +118,9 @@ class UNet(nn.Module):
         w, nf = cfg.width, cfg.emb_freqs
         emb = 4 * w
         self.emb = nn.Sequential(nn.Linear(4 * nf, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if cfg.classes:
+            self.class_emb = nn.Embedding(cfg.classes, 4 * nf)
+            nn.init.normal_(self.class_emb.weight, std=0.5)
         self.inp = nn.Conv2d(channels, w, 3, padding=1)
         self.down = nn.ModuleList()
         chans, ch = [w], w
@@ -141,9 +155,12 @@ class UNet(nn.Module):
         """Input sides must be multiples of this."""
         return 2 ** (len(self.cfg.mults) - 1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, log_mpp: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, log_mpp: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: class index per sample, −1 for "no class" (None: no class for any)."""
         nf = self.cfg.emb_freqs
         e = torch.cat([sinusoidal(c_noise, nf), sinusoidal(log_mpp, nf, max_freq=16.0)], dim=1)
+        e = self._add_class(e, labels)
         e = self.emb(e.to(x.dtype))
         h = self.inp(x)
         skips = [h]
@@ -165,3 +182,19 @@ class UNet(nn.Module):
             else:
                 h = m(h)
         return self.out(F.silu(self.out_norm(h)))
+
+    def _add_class(self, e: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            return e
+        labels = labels.reshape(-1).to(torch.long)
+        if not self.cfg.classes:
+            if bool((labels >= 0).any()):
+                raise ValueError("a class label was given to a class-free network")
+            return e
+        if bool((labels >= self.cfg.classes).any()) or bool((labels < -1).any()):
+            raise ValueError(f"class labels must lie in −1…{self.cfg.classes - 1}")
+        has = labels >= 0
+        if not bool(has.any()):
+            return e  # every sample "no class": exactly the class-free call
+        c = self.class_emb(labels.clamp(min=0).to(e.device)).to(e.dtype)
+        return e + torch.where(has.to(e.device)[:, None], c, torch.zeros_like(c))

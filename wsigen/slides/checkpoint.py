@@ -92,7 +92,30 @@ def validate_config(cfg: dict) -> dict:
             UNetConfig.from_dict(arch)
         except (TypeError, ValueError) as e:
             raise WsigenError(f"checkpoint config: bad UNet architecture: {e}") from None
+    _check_classes(cfg)
     return cfg
+
+
+def _check_classes(cfg: dict) -> None:
+    """``classes`` (names, ≥ 2, distinct) ⇔ a UNet built with that many class embeddings;
+    ``class_slides`` (training slides per class) and ``label_dropout`` are optional."""
+    names, n = cfg.get("classes"), cfg["arch"].get("classes", 0)
+    if names is None:
+        if n:
+            raise WsigenError("checkpoint config: the network has class embeddings but no 'classes' names")
+        return
+    if (not isinstance(names, list) or len(names) < 2 or len(set(names)) != len(names)
+            or not all(isinstance(c, str) and c.strip() for c in names)):
+        raise WsigenError(f"checkpoint config: 'classes' must be ≥ 2 distinct names (got {names!r})")
+    if cfg["arch"]["name"] != "unet" or n != len(names):
+        raise WsigenError(f"checkpoint config: {len(names)} class names but the network has {n} class embeddings")
+    counts = cfg.get("class_slides")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != len(names)
+                               or not all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise WsigenError("checkpoint config: 'class_slides' must give a slide count per class")
+    p = cfg.get("label_dropout")
+    if p is not None and not (isinstance(p, int | float) and 0 <= p < 1):
+        raise WsigenError(f"checkpoint config: 'label_dropout' must lie in [0, 1) (got {p!r})")
 
 
 @dataclass
@@ -107,6 +130,24 @@ class LoadedModel:
     @property
     def patch(self) -> int | None:
         return self.config["patch"]
+
+    @property
+    def classes(self) -> list[str]:
+        """The tissue classes the model draws (empty: a class-free model)."""
+        return list(self.config.get("classes") or [])
+
+    def class_label(self, name: str, guidance: float | None = None) -> int:
+        """The index of class ``name``; WsigenError naming the model's classes otherwise, or when
+        a guidance w ∉ {1} needs the class-free call a model trained without label dropout lacks."""
+        if not self.classes:
+            raise WsigenError(f"--class {name}: model {self.name} is class-free (it was trained without "
+                              "--labels); use a class-conditional model or drop --class")
+        if name not in self.classes:
+            raise WsigenError(f"--class {name!r}: model {self.name} knows the classes {', '.join(self.classes)}")
+        if guidance is not None and guidance != 1 and self.config.get("label_dropout") == 0:
+            raise WsigenError(f"--guidance {guidance:g}: model {self.name} was trained with --label-dropout 0, "
+                              "so it has no class-free call to guide against (use --guidance 1)")
+        return self.classes.index(name)
 
 
 def make_config(arch: dict, **overrides) -> dict:
@@ -213,10 +254,16 @@ def load_model(spec: str | os.PathLike = "default", patch: int | None = None) ->
     return LoadedModel(net.eval(), cfg, sha256_file(path), name)
 
 
-def init_model(path: str | os.PathLike, arch: dict | None = None, seed: int = 0, **overrides) -> str:
-    """Write an untrained UNet checkpoint (``wsigen model init``); returns its sha256."""
+def init_model(path: str | os.PathLike, arch: dict | None = None, seed: int = 0,
+               classes: list[str] | None = None, **overrides) -> str:
+    """Write an untrained UNet checkpoint (``wsigen model init``); returns its sha256.
+
+    ``classes`` makes it class-conditional (random class embeddings, label dropout unknown)."""
     arch = {"name": "unet", **UNetConfig().to_dict(), **(arch or {})}
     arch.pop("extra", None)
+    if classes:
+        arch["classes"] = len(classes)
+        overrides["classes"] = list(classes)
     cfg = make_config(arch, **overrides)
     multiple = 2 ** (len(arch["mults"]) - 1)
     if cfg["patch"] % multiple:
