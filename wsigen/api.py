@@ -26,6 +26,16 @@ def run_spec(out, size=None, *, device: str = "auto", resume: bool = False, over
                    overwrite=overwrite, **run).validate()
 
 
+def _check_class(spec: RunSpec, count: int | None) -> None:
+    """A class the model cannot draw is refused here, before any process starts (fresh runs; on
+    --resume the store's class is checked against the given one)."""
+    from .run.config import check_class
+
+    r = spec.request
+    if not spec.resume and r.class_name is not None:
+        check_class(r, model_config(r.model, r.patch), r.model or "default", count)
+
+
 def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: float | None = None,
            seed: int | None = None, steps: int | None = None, guided_steps: int | None = None,
            solver: str | None = None, batch: int | None = None, device: str = "auto",
@@ -38,13 +48,15 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
            gpus: int | None = None, count: int | None = None, split: str = "auto", progress=None,
            topology=None, log=None, lock: bool = True, fsync: bool = True, preset: str | None = None,
            guided_sigma: float | None = None, start_sigma: float | None = None,
-           stage_steps=None) -> dict | None:
+           stage_steps=None, class_name: str | None = None, guidance: float | None = None) -> dict | None:
     """Sample one synthetic slide (or ``count`` slides) into the zarr store ``out``; returns a summary.
 
     ``workers``/``gpus`` spread it over processes (the same bytes for any number); ``topology`` runs
     it as one rank of a job the caller set up. Returns None on ranks other than 0 of an externally
     launched job. ``preset`` (paper, fast), ``guided_sigma``, ``start_sigma`` and ``stage_steps``
     (e.g. "40,32,24", counted from the last stage back) choose the schedule (docs/api.md).
+    ``class_name`` draws a class of a class-conditional model (with ``count``: "a,b" cycles through
+    the classes) with classifier-free guidance weight ``guidance`` (default 1).
     """
     spec = run_spec(out, size, device=device, resume=resume, overwrite=overwrite, model=model, mpp=mpp,
                     preset=preset, guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps,
@@ -53,7 +65,9 @@ def sample(out: str | os.PathLike, size=None, *, model: str | None = None, mpp: 
                     compile=compile, grid_shift=grid_shift, skip_background=skip_background,
                     background_tolerance=background_tolerance, threads=threads, state_device=state_device,
                     allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
-                    checkpoint_every=checkpoint_every, lock=lock, fsync=fsync)
+                    checkpoint_every=checkpoint_every, lock=lock, fsync=fsync, class_name=class_name,
+                    guidance=guidance)
+    _check_class(spec, count)
     if topology is not None:
         from .run import launch, session
 
@@ -86,6 +100,7 @@ def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | N
     planes = Planes.of(page, channels)
 
     spec = run_spec(out, device=device, resume=resume, overwrite=overwrite, **options)
+    _check_class(spec, None)
     job = launch.make_job(spec, workers=workers, gpus=gpus, progress=progress, log=log,
                           command=f"wsigen upscale {input}")
     if not resume:
@@ -107,10 +122,12 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
          channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
          guided_steps: int | None = None, guided_sigma: float | None = None,
-         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True) -> dict:
+         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True,
+         guidance: float | None = None) -> dict:
     """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time.
 
-    The schedule options are ``sample``'s, resolved the same way, so the counts are exact."""
+    The schedule options are ``sample``'s, resolved the same way, so the counts are exact;
+    ``guidance`` w ∉ {0, 1} counts the two network evaluations of each guided call."""
     from .run import estimate
 
     return estimate.plan(size, model=model, mpp=mpp, patch=patch, steps=steps, solver=solver, batch=batch,
@@ -118,7 +135,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
                          throughput=throughput, measure_seconds=measure_seconds, compile=compile,
                          channels_last=channels_last, state_dtype=state_dtype, preset=preset,
                          guided_steps=guided_steps, guided_sigma=guided_sigma, start_sigma=start_sigma,
-                         stage_steps=stage_steps, grid_shift=grid_shift)
+                         stage_steps=stage_steps, grid_shift=grid_shift, guidance=guidance)
 
 
 def train(slides, out, **options) -> dict:

@@ -16,6 +16,7 @@ import typer
 from ..errors import WsigenError
 from ..run import stopping
 from ..run.stopping import Terminated
+from .options import ClassOption, GuidanceOption
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Synthetic gigapixel H&E whole-slide images with guided, grid-shifted diffusion.")
@@ -111,6 +112,8 @@ def sample(
     guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
     start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
     stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+    class_name: ClassOption = None,
+    guidance: GuidanceOption = None,
     batch: Annotated[int | None, typer.Option(help="Patches per forward pass [default: 8].", min=1)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
@@ -148,14 +151,15 @@ def sample(
                    resume=resume, allow_extrapolation=allow_extrapolation, drop_stages=drop_stages,
                    checkpoint_every=checkpoint_every, progress=bar, log=lambda m: err(m) if not as_json else None,
                    lock=not no_lock, fsync=not no_fsync, preset=preset, guided_sigma=guided_sigma,
-                   start_sigma=start_sigma, stage_steps=stage_steps)
+                   start_sigma=start_sigma, stage_steps=stage_steps, class_name=class_name, guidance=guidance)
     if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
         return
     if "manifest" in s:
         _emit(s, as_json, f"done: {s['count']} slides ({s['sampled']} sampled now) → {s['manifest']}")
         return
     _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px, {s['stages']} stages "
-          f"(s_0 = {s['s0']:g} µm/px), {s['evaluations']:,} denoiser evaluations"
+          f"(s_0 = {s['s0']:g} µm/px)" + (f", class {s['class']} (w = {s['guidance']:g})" if s.get("class") else "")
+          + f", {s['evaluations']:,} denoiser evaluations"
           f"{_skip_note(s)} in {s['wall_s']:.1f} s "
           f"→ {s['output']}")
 

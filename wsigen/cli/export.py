@@ -35,6 +35,7 @@ def info_lines(d: dict) -> list[str]:
         f"({d['width'] * d['mpp'] / 1000:.2f} x {d['height'] * d['mpp'] / 1000:.2f} mm), synthetic",
         f"model      {d['model']} (sha256 {d['model_sha256']})",
         f"seed       {d['seed']}; {d['steps']} steps, {d['guided_steps']} guided",
+        *([f"class      {d['class']} (classifier-free guidance w = {d['guidance']:g})"] if d.get("class") else []),
         f"levels     {levels or '—'}",
         f"stages     {stages}" + (" (intermediate stages dropped)" if d["stages_dropped"] else ""),
     ]

@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
         start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
         stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+        guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance w of a class-conditional run: w ≠ 0, 1 doubles the network evaluations (and the batch in each pass).", min=0)] = None,
         batch: Annotated[int, typer.Option(help="Patches per forward pass.", min=1)] = 8,
         gpus: Annotated[int | None, typer.Option(help="Plan for N GPU processes.", min=1)] = None,
         workers: Annotated[int | None, typer.Option(help="Plan for N processes.", min=1)] = None,
@@ -55,7 +56,8 @@ def register(app: typer.Typer) -> None:
                      world=gpus or workers or 1, device=device, precision=precision, measure=measure,
                      throughput=throughput, compile=compile, channels_last=channels_last,
                      state_dtype=state_dtype, preset=preset, solver=solver, guided_steps=guided_steps,
-                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps)
+                     guided_sigma=guided_sigma, start_sigma=start_sigma, stage_steps=stage_steps,
+                     guidance=guidance)
         if as_json:
             typer.echo(json.dumps(p, indent=2))
             return
@@ -64,7 +66,8 @@ def register(app: typer.Typer) -> None:
 
         t = Table(title=f"{p['width']}x{p['height']} px at {p['mpp']:g} µm/px — model {p['model']}, "
                         f"M = {p['patch']}, N = {p['steps']}, {p['solver']}, {p['processes']} process(es)"
-                        + (f", preset {p['preset']}" if p.get("preset") else ""))
+                        + (f", preset {p['preset']}" if p.get("preset") else "")
+                        + (f", guidance w = {p['guidance']:g}" if p.get("guidance") is not None else ""))
         for col in ("stage", "canvas", "µm/px", "steps", "patches/step", "denoiser evaluations"):
             t.add_column(col, justify="right")
         for s in p["stages"]:
@@ -73,7 +76,9 @@ def register(app: typer.Typer) -> None:
         con = Console()
         con.print(t)
         mem, disk = p["memory_per_process"], p["disk"]
-        con.print(f"total: {p['evaluations']:,} denoiser evaluations ({p['patch_steps']:,} patch steps)")
+        twice = (f", {p['denoiser_calls']:,} guided denoiser calls of two each"
+                 if p.get("denoiser_calls") not in (None, p["evaluations"]) else "")
+        con.print(f"total: {p['evaluations']:,} denoiser evaluations ({p['patch_steps']:,} patch steps{twice})")
         hist = f"multistep history {_gb(mem['history'])}, " if "history" in mem else ""
         con.print(f"memory per process: {_gb(mem['total'])} (state {_gb(mem['state'])}, {hist}guide "
                   f"{_gb(mem['guide'])}, buffers {_gb(mem['buffers'])}, model {_gb(mem['model'])})")

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from .options import ClassOption, GuidanceOption
+
 
 def register(app: typer.Typer) -> None:
     from .app import _emit, _skip_note, command, err
@@ -38,6 +40,8 @@ def register(app: typer.Typer) -> None:
         guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
         start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
         stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+        class_name: ClassOption = None,
+        guidance: GuidanceOption = None,
         batch: Annotated[int | None, typer.Option(help="Patches per forward pass.", min=1)] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
         precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
@@ -65,7 +69,7 @@ def register(app: typer.Typer) -> None:
                         level=level, model=model, patch=patch, seed=seed, steps=steps,
                         guided_steps=guided_steps, batch=batch, device=device, threads=threads,
                         solver=solver, preset=preset, guided_sigma=guided_sigma, start_sigma=start_sigma,
-                        stage_steps=stage_steps,
+                        stage_steps=stage_steps, class_name=class_name, guidance=guidance,
                         precision=precision, state_dtype=state_dtype, channels_last=channels_last,
                         compile=compile or None,
                         workers=workers, gpus=gpus, allow_extrapolation=allow_extrapolation,
@@ -75,5 +79,6 @@ def register(app: typer.Typer) -> None:
         if s is None:  # a rank other than 0 of an externally launched job: rank 0 reports
             return
         _emit(s, as_json, f"done: {s['width']}x{s['height']} px at {s['mpp']:g} µm/px from {input} "
-              f"({s['L']} stages), {s['evaluations']:,} denoiser evaluations{_skip_note(s)} in "
+              f"({s['L']} stages)" + (f", class {s['class']} (w = {s['guidance']:g})" if s.get("class") else "")
+              + f", {s['evaluations']:,} denoiser evaluations{_skip_note(s)} in "
               f"{s['wall_s']:.1f} s → {s['output']}")

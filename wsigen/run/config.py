@@ -32,6 +32,8 @@ SOLVERS = ("heun", "euler", "dpmpp2m")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STATE_DTYPES = ("float32", "float16")
 DEVICES = ("cpu", "cuda", "auto")
+#: class-conditional sampling: Request/SlideConfig field → store config name (stored only when set)
+CLASS_FIELDS = {"class_name": "class", "guidance": "guidance"}
 
 
 def parse_size(size: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -88,6 +90,10 @@ class Request:
     start_sigma: float | None = None
     stage_steps: tuple[int, ...] | None = None
     preset: str | None = None
+    # class-conditional models: the tissue class (a set of slides: "a,b" cycles) and the
+    # classifier-free guidance weight w (None: 1)
+    class_name: str | None = None
+    guidance: float | None = None
 
     @classmethod
     def of(cls, size=None, **given) -> Request:
@@ -122,7 +128,32 @@ class Request:
         if self.background_tolerance is not None and self.background_tolerance < 0:
             raise UsageError(f"--background-tolerance must be non-negative (got {self.background_tolerance:g})")
         self._validate_schedule()
+        self._validate_class()
         return self
+
+    def _validate_class(self) -> None:
+        if self.guidance is not None:
+            if self.class_name is None:
+                raise UsageError("--guidance needs --class (it weighs the class against the class-free model)")
+            if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+                raise UsageError(f"--guidance must be a non-negative number (got {self.guidance:g})")
+        if self.class_name is not None:
+            self.classes()
+
+    def classes(self) -> list[str]:
+        """The class names given (one for a slide; a set of slides cycles through several)."""
+        if self.class_name is None:
+            return []
+        names = [c.strip() for c in self.class_name.split(",")]
+        if not all(names):
+            raise UsageError("--class takes a class name, or comma-separated names with --count "
+                             f"(got {self.class_name!r})")
+        return names
+
+    def for_slide(self, index: int) -> Request:
+        """Slide ``index`` of a set: its class the set's classes cycle to (``--count K --class a,b``)."""
+        names = self.classes()
+        return replace(self, class_name=names[index % len(names)]) if len(names) > 1 else self
 
     def _validate_schedule(self) -> None:
         """The schedule options that can be checked without the model (run/presets.py)."""
@@ -162,6 +193,11 @@ class Request:
                     have, val = list(have), list(val)
                 if val != have:
                     out.append(f"{key} {val!r} (store: {have!r})")
+                continue
+            if key in CLASS_FIELDS:  # absent from class-free stores
+                have = stored.get(CLASS_FIELDS[key])
+                if val != have:
+                    out.append(f"{'class' if key == 'class_name' else key} {val!r} (store: {have!r})")
                 continue
             if key == "size":
                 if val != (stored["width"], stored["height"]):
@@ -205,6 +241,10 @@ class SlideConfig:
     start_sigma: float | None = None
     stage_steps: tuple[int, ...] | None = None
     preset: str | None = None  # provenance only: the resolved values above are what counts
+    # a class-conditional model's class, its index in the model's classes, and the guidance w
+    class_name: str | None = None
+    class_index: int | None = None
+    guidance: float | None = None
 
     # the key is every field but the model's name (its sha256 stands for it) and the input's record
     KEY_FIELDS = ("width", "height", "mpp", "patch", "seed", "steps", "guided_steps", "solver", "batch",
@@ -218,6 +258,7 @@ class SlideConfig:
         """The request with every missing value taken from the model (or the built-in default)."""
         mc, r = lm.config, request
         sched = resolve_schedule(r, mc)
+        label, weight = _class_choice(r, lm)
         steps, guided = sched.steps, sched.guided_steps
         w, h = r.size or parse_size(mc["recommended_size"])
         threads = r.threads if r.threads is not None else default_threads()
@@ -237,13 +278,15 @@ class SlideConfig:
             # NHWC: 1.5× faster on this CPU for the default model (64² patches), and the GPU layout
             channels_last=bool(pick(r.channels_last, True)), compile=bool(pick(r.compile, False)),
             source=source, upscale_stages=upscale_stages, guided_sigma=sched.guided_sigma,
-            start_sigma=sched.start_sigma, stage_steps=sched.stage_steps, preset=sched.preset)
+            start_sigma=sched.start_sigma, stage_steps=sched.stage_steps, preset=sched.preset,
+            class_name=r.class_name, class_index=label, guidance=weight)
 
     def to_store(self) -> dict[str, Any]:
         """The flat ``config`` dict of the store (upscale runs add ``input`` and ``upscale_stages``)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("source", "upscale_stages", *SCHEDULE_FIELDS)}
+             if f.name not in ("source", "upscale_stages", *SCHEDULE_FIELDS, *CLASS_FIELDS, "class_index")}
         d.update(schedule_record(self, SCHEDULE_FIELDS))  # only when set: older runs store what they did
+        d.update(self._class_record())
         if self.source is not None:
             d["input"] = self.source.describe()
             d["upscale_stages"] = self.upscale_stages
@@ -252,13 +295,20 @@ class SlideConfig:
     def key(self) -> dict[str, Any]:
         # the resolved schedule when set; the preset's name is provenance only
         return {**{k: getattr(self, k) for k in self.KEY_FIELDS},
-                **schedule_record(self, SCHEDULE_FIELDS[:-1])}
+                **schedule_record(self, SCHEDULE_FIELDS[:-1]), **self._class_record()}
+
+    def _class_record(self) -> dict[str, Any]:
+        """``class``, ``class_index`` and ``guidance`` of a class-conditional slide (nothing otherwise)."""
+        if self.class_name is None:
+            return {}
+        return {"class": self.class_name, "class_index": self.class_index, "guidance": self.guidance}
 
     @classmethod
     def from_store(cls, cfg: dict[str, Any]) -> SlideConfig:
         names = {f.name for f in fields(cls)} - {"source", "upscale_stages"}
         source = Source.from_record(cfg["input"]) if cfg.get("input") else None
         vals = {k: v for k, v in cfg.items() if k in names}
+        vals.update({f: cfg[c] for f, c in CLASS_FIELDS.items() if c in cfg})
         if vals.get("stage_steps") is not None:
             vals["stage_steps"] = tuple(vals["stage_steps"])
         return cls(**vals, source=source, upscale_stages=cfg.get("upscale_stages"))
@@ -322,6 +372,31 @@ class RunSpec:
         runs = {k: d[k] for k in ("state_device", "allow_extrapolation", "drop_stages", "checkpoint_every")
                 if k in d}
         return cls(output=output, request=Request.from_json(d), **{**runs, **run}).validate()
+
+
+def _class_choice(r: Request, lm: LoadedModel) -> tuple[int | None, float | None]:
+    """The class index and guidance w of a request against its model (WsigenError: one line)."""
+    check_class(r, lm.config, lm.name)
+    if r.class_name is None:
+        return None, None
+    w = 1.0 if r.guidance is None else float(r.guidance)
+    return lm.class_label(r.class_name, w), w
+
+
+def check_class(r: Request, model_cfg: dict, model: str, count: int | None = None) -> None:
+    """Refuse a class choice the model cannot draw, before any work (one line each)."""
+    from ..slides.checkpoint import class_label
+
+    names = r.classes()
+    if not names:
+        if model_cfg.get("classes") and model_cfg.get("label_dropout") == 0:
+            raise WsigenError(f"model {model} was trained with --label-dropout 0 and has no class-free "
+                              f"call; choose a class with --class ({', '.join(model_cfg['classes'])})")
+        return
+    if len(names) > 1 and count is None:
+        raise UsageError(f"--class {r.class_name}: several classes need --count K (slides cycle through them)")
+    for n in names:
+        class_label(model_cfg, n, 1.0 if r.guidance is None else r.guidance, model)
 
 
 def model_config(spec: str | None, patch: int | None = None) -> dict:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from ..errors import UsageError
-from ..method import planning, stages
+from ..method import classfree, planning, stages
 from ..slides import checkpoint
 from . import accel
 from .config import Request, parse_size
@@ -17,7 +19,8 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
          channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
          guided_steps: int | None = None, guided_sigma: float | None = None,
-         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True) -> dict:
+         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True,
+         guidance: float | None = None) -> dict:
     """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time."""
     if world < 1:
         raise UsageError(f"process count must be at least 1 (got {world})")
@@ -35,17 +38,25 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
                                grid_shift=grid_shift, guided_sigma=sched.guided_sigma,
                                start_sigma=sched.start_sigma, stage_steps=sched.stage_steps).validate()
     c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, settings=settings)
+    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
+        raise UsageError(f"--guidance must be a non-negative number (got {guidance:g})")
+    per_call = classfree.evaluations(guidance)
+    if guidance is not None:  # network evaluations: twice per guided denoiser call (w ∉ {0, 1})
+        c = {**c, "denoiser_calls": c["evaluations"], "evaluations": c["evaluations"] * per_call,
+             "stages": [{**st, "evaluations": st["evaluations"] * per_call} for st in c["stages"]]}
     plans = stages.plan_stages(w, h, lm.patch, mc["k"], mpp)
     params = sum(p.numel() for p in lm.denoiser.parameters())
     history = settings.multistep
     out = {"width": w, "height": h, "mpp": mpp, "model": model, "patch": lm.patch, "steps": n,
            "solver": sched.solver, "guided_steps": sched.guided_steps, "processes": world, **c,
            "memory_per_process": planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch,
-                                                          mc["k"], world, batch, params,
+                                                          mc["k"], world, batch * per_call, params,
                                                           2 if state_dtype == "float16" else 4,
                                                           history=history),
            "disk": planning.disk_bytes(plans, w, h, 2 if state_dtype == "float16" else 4, history=history)}
     out.update(sched.record())
+    if guidance is not None:
+        out["guidance"] = guidance
     if measure:
         from .throughput import measure_throughput
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError, WsigenError
-from ..method import planning, stages
+from ..method import classfree, planning, stages
 from ..slides import checkpoint
 from ..slides.store import SlideStore
 from ..version import __version__
@@ -52,10 +52,11 @@ def merge_resume(stored: dict, spec: RunSpec, dev: torch.device) -> SlideConfig:
     return cfg if batch is None else replace(cfg, batch=batch)
 
 
-def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Settings, world: int) -> str:
+def _state_device(choice: str, dev: torch.device, plans, lm, settings: stages.Settings, world: int,
+                  net_batch: int) -> str:
     """``--state-device``: this process's band on the GPU when it fits (see preflight.state_device)."""
     mem = planning.memory_per_rank(plans[-1].height, plans[-1].width, lm.patch, lm.config["k"], world,
-                                   settings.batch, sum(p.numel() for p in lm.denoiser.parameters()),
+                                   net_batch, sum(p.numel() for p in lm.denoiser.parameters()),
                                    settings.state_torch_dtype.itemsize)
     state = min(mem["state"], 3 * plans[-1].height * plans[-1].width * settings.state_torch_dtype.itemsize)
     state *= 2 if settings.multistep else 1  # a multistep solver's history is a second band
@@ -80,15 +81,16 @@ def schedule_line(cfg: SlideConfig, settings: stages.Settings, last: int) -> str
     return "schedule: " + "; ".join(parts)
 
 
-def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store):
+def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store, net_batch):
     """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides).
 
     Returns rank 0's ``preflight.Needs`` (``state_line()`` says the state per process), else None.
+    ``net_batch``: patches per forward pass (twice ``--batch`` under classifier-free guidance).
     """
     error = needs = None
     if topo.rank == 0:
         needs = preflight.estimate(
-            plans, lm.patch, lm.config["k"], settings.batch,
+            plans, lm.patch, lm.config["k"], net_batch,
             sum(p.numel() for p in lm.denoiser.parameters()), world=topo.world,
             processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
             checkpoint=checkpoint_every > 0, device_type=dev.type,
@@ -123,12 +125,23 @@ def _open(spec: RunSpec, dev: torch.device):
         if lm.sha256 != cfg.model_sha256:
             raise WsigenError(f"--resume: model {cfg.model} has changed since the store was started "
                               f"(sha256 {lm.sha256[:12]}… ≠ {cfg.model_sha256[:12]}…)")
-        return store, lm, cfg
+        return store, _class_guided(lm, cfg), cfg
     name = spec.request.model or "default"
     lm = checkpoint.load_model(name, patch=spec.request.patch)
     check_output(out, spec.overwrite)
     cfg = SlideConfig.resolve(spec.request, lm, name, dev, spec.source, spec.upscale_stages)
-    return None, lm, cfg
+    return None, _class_guided(lm, cfg), cfg
+
+
+def _class_guided(lm, cfg: SlideConfig):
+    """A class-conditional slide's denoiser: D_∅ + w·(D_c − D_∅) for its class (method.classfree)."""
+    if cfg.class_name is None:
+        return lm
+    label = lm.class_label(cfg.class_name, cfg.guidance)
+    if label != cfg.class_index:
+        raise WsigenError(f"class {cfg.class_name!r} is number {label} of model {cfg.model}, "
+                          f"the store recorded {cfg.class_index}")
+    return replace(lm, denoiser=classfree.ClassGuided(lm.denoiser, label, cfg.guidance))
 
 
 def _create(spec: RunSpec, cfg: SlideConfig, lm, plans, topo) -> SlideStore:
@@ -169,16 +182,18 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
     if checkpoint_every is None:
         big = plans[-1].height * plans[-1].width >= 4096 * 4096
         checkpoint_every = max(1, settings.steps // 4) if big else 0
-    _preflight(plans, lm, settings, dev, topo, spec.output, checkpoint_every, store)
+    net_batch = settings.batch * classfree.evaluations(cfg.guidance)
+    _preflight(plans, lm, settings, dev, topo, spec.output, checkpoint_every, store, net_batch)
     if log and topo.rank == 0:
         log(f"{cfg.width}x{cfg.height} px at {cfg.mpp:g} µm/px: L = {len(plans) - 1}, "
             f"s_0 = {plans[0].mpp:g} µm/px, patch {lm.patch}, {settings.steps} {settings.solver} steps, "
-            f"{settings.guided_steps} guided, model {cfg.model} ({lm.sha256[:12]}), seed {cfg.seed}")
+            f"{settings.guided_steps} guided, model {cfg.model} ({lm.sha256[:12]}), seed {cfg.seed}"
+            + (f", class {cfg.class_name} (guidance w = {cfg.guidance:g})" if cfg.class_name else ""))
         if cfg.preset or cfg.guided_sigma is not None or cfg.start_sigma is not None or cfg.stage_steps:
             log(schedule_line(cfg, settings, len(plans) - 1))
     lm = replace(lm, denoiser=accel.prepare(lm.denoiser, dev, channels_last=settings.channels_last,
                                             compile=settings.compile))
-    where = _state_device(spec.state_device, dev, plans, lm, settings, topo.world)
+    where = _state_device(spec.state_device, dev, plans, lm, settings, topo.world, net_batch)
     if log and topo.rank == 0 and dev.type == "cuda":
         log(f"state band in {'GPU' if where == 'cuda' else 'host'} memory (--state-device {spec.state_device})")
     if store is None:
@@ -207,7 +222,10 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
         "model_sha256": cfg.model_sha256, "seed": cfg.seed, "steps": cfg.steps,
         "guided_steps": cfg.guided_steps, "device": dev.type, "solver": cfg.solver,
         "steps_per_stage": [settings.for_stage(p.index, len(plans) - 1).steps for p in plans],
-        "evaluations": topo.all_sum(stats["evaluations"]), "patches": topo.all_sum(stats["patches"]),
+        # network evaluations: a guided call (w ∉ {0, 1}) evaluates the network twice
+        "evaluations": topo.all_sum(stats["evaluations"]) * classfree.evaluations(cfg.guidance),
+        "patches": topo.all_sum(stats["patches"]),
         "skipped": topo.all_sum(stats["skipped"]), "wall_s": round(wall, 3), "version": __version__,
         "skip_background": cfg.skip_background,
+        **({"class": cfg.class_name, "guidance": cfg.guidance} if cfg.class_name else {}),
     }

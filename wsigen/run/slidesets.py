@@ -92,10 +92,16 @@ def _prepare_set(spec: RunSpec, count: int | None) -> dict:
     seed0 = int(spec.request.seed or 0)
     manifest = {"format": SET_FORMAT, "version": __version__, "count": count, "seed": seed0,
                 "options": {k: v for k, v in spec.to_json().items() if k != "seed"},
-                "slides": [{"seed": seed0 + i, "store": slide_name(seed0 + i), "status": "pending"}
-                           for i in range(count)]}
+                "slides": [{"seed": seed0 + i, "store": slide_name(seed0 + i), "status": "pending",
+                            **_class_of(spec, i)} for i in range(count)]}
     write_manifest(root, manifest)
     return manifest
+
+
+def _class_of(spec: RunSpec, i: int) -> dict:
+    """Slide i's class in the manifest (``--count K --class a,b`` cycles a, b, a, …)."""
+    r = spec.request.for_slide(i)
+    return {"class": r.class_name} if r.class_name is not None else {}
 
 
 def _split(split: str, spec: RunSpec, world: int) -> str:
@@ -123,8 +129,8 @@ def _set_totals(spec: RunSpec, seeds: list[int]) -> list[int]:
     lm = checkpoint.load_model(name, patch=spec.request.patch)
     dev = resolve_device(spec.device)
     totals = []
-    for s in seeds:
-        cfg = SlideConfig.resolve(replace(spec.request, seed=s), lm, name, dev)
+    for i, s in enumerate(seeds):
+        cfg = SlideConfig.resolve(replace(spec.request.for_slide(i), seed=s), lm, name, dev)
         plans = stages.plan_stages(cfg.width, cfg.height, lm.patch, lm.config["k"], cfg.mpp)
         ctxs = sampler.contexts(lm, plans, cfg.settings(), s, dev)
         totals.append(sampler.total_patches(ctxs))
@@ -171,7 +177,7 @@ def run_set(spec: RunSpec, count: int | None, split: str, topo, bar, kv, log=Non
         out = root / s["store"]
         one_spec = replace(base, output=str(out), resume=codes[i] == 1,
                            overwrite=codes[i] == 2 and out.exists(),
-                           request=replace(base.request, seed=s["seed"]))
+                           request=replace(base.request.for_slide(i), seed=s["seed"]))
         summaries.append(session.sample(one_spec, progress=progress, topology=t, log=None))
         if topo.rank == 0 and t is single:
             write_manifest(root, manifest)

@@ -137,17 +137,24 @@ class LoadedModel:
         return list(self.config.get("classes") or [])
 
     def class_label(self, name: str, guidance: float | None = None) -> int:
-        """The index of class ``name``; WsigenError naming the model's classes otherwise, or when
-        a guidance w ∉ {1} needs the class-free call a model trained without label dropout lacks."""
-        if not self.classes:
-            raise WsigenError(f"--class {name}: model {self.name} is class-free (it was trained without "
-                              "--labels); use a class-conditional model or drop --class")
-        if name not in self.classes:
-            raise WsigenError(f"--class {name!r}: model {self.name} knows the classes {', '.join(self.classes)}")
-        if guidance is not None and guidance != 1 and self.config.get("label_dropout") == 0:
-            raise WsigenError(f"--guidance {guidance:g}: model {self.name} was trained with --label-dropout 0, "
-                              "so it has no class-free call to guide against (use --guidance 1)")
-        return self.classes.index(name)
+        """The index of class ``name`` (see :func:`class_label`)."""
+        return class_label(self.config, name, guidance, self.name)
+
+
+def class_label(cfg: dict, name: str, guidance: float | None = None, model: str = "the model") -> int:
+    """The index of class ``name`` in a checkpoint config; WsigenError naming the model's classes
+    otherwise, or when a guidance w ≠ 1 needs the class-free call a model trained without label
+    dropout lacks."""
+    classes = list(cfg.get("classes") or [])
+    if not classes:
+        raise WsigenError(f"--class {name}: model {model} is class-free (it was trained without "
+                          "--labels); use a class-conditional model or drop --class")
+    if name not in classes:
+        raise WsigenError(f"--class {name!r}: model {model} knows the classes {', '.join(classes)}")
+    if guidance is not None and guidance != 1 and cfg.get("label_dropout") == 0:
+        raise WsigenError(f"--guidance {guidance:g}: model {model} was trained with --label-dropout 0, "
+                          "so it has no class-free call to guide against (use --guidance 1)")
+    return classes.index(name)
 
 
 def make_config(arch: dict, **overrides) -> dict:

@@ -107,6 +107,7 @@ def describe(store) -> dict:
         "model_sha256": i.get("model_sha256") or (model.get("sha256") if isinstance(model, dict) else None),
         "seed": i.get("seed"), "version": i.get("version"), "torch_version": i.get("torch_version"),
         "steps": cfg.get("steps"), "guided_steps": cfg.get("guided_steps"),
+        "class": cfg.get("class"), "guidance": cfg.get("guidance"),
         "stages": stages, "stages_complete": i.get("stages_complete", []),
         "state": i.get("state"), "stages_dropped": dropped,
         "resume": None if done or holder else store.resume_command(),
