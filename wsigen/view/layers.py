@@ -111,6 +111,7 @@ def store_facts(store: SlideStore) -> dict:
         "model": _text(model.get("name")), "model_sha256": _text(i.get("model_sha256"), 64),
         "seed": _num(i.get("seed")), "version": _text(i.get("version"), 40),
         "steps": _num(cfg.get("steps")), "guided_steps": _num(cfg.get("guided_steps")),
+        "class": _text(cfg.get("class"), 100), "guidance": _num(cfg.get("guidance")),
         "complete": bool(i.get("complete")),
         "stages": [{"index": s["index"], "width": s["width"], "height": s["height"], "mpp": s["mpp"]}
                    for s in store.stages],

@@ -27,6 +27,7 @@
     if (info.mpp) parts.push(`${Number(info.mpp).toPrecision(3)} µm/px`);
     if (info.model) parts.push(`model ${info.model}`);
     if (info.seed !== null && info.seed !== undefined) parts.push(`seed ${info.seed}`);
+    if (info.class) parts.push(`class ${info.class}` + (info.guidance !== null && info.guidance !== undefined ? ` (w = ${info.guidance})` : ""));
     text("facts", parts.join(" · "));
     $("synthetic").hidden = info.synthetic !== true;
     let line = "";
