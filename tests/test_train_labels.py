@@ -255,3 +255,21 @@ def test_bad_label_input_is_one_line_exit_2_nothing_written(tmp_path, slides, se
 
     assert re.search(msg, lines[0]), lines[0]
     assert not out.exists()
+
+
+def test_all_labels_dropped_still_uses_the_class_embedding_in_training():
+    """DDP fails a step in which a parameter gets no gradient: with every label of a micro-batch
+    dropped, training mode still routes through the class embedding (adding zeros)."""
+    from wsigen.nets import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(width=8, mults=(1, 2), classes=2))
+    torch.nn.init.normal_(net.out.weight, std=0.1)  # zero at first: F ≡ 0 would prove nothing
+    x, c, m = torch.randn(2, 3, 16, 16), torch.tensor([0.1, -0.3]), torch.tensor([0.0, 1.0])
+    none = torch.full((2,), NO_CLASS)
+    with torch.no_grad():
+        want = net.eval()(x, c, m)
+    out = net.train()(x, c, m, none)
+    assert torch.equal(out.detach(), want)  # still exactly the class-free call
+    out.square().sum().backward()
+    assert net.class_emb.weight.grad is not None and not net.class_emb.weight.grad.any()

@@ -24,21 +24,24 @@ H_THRESHOLD = 0.5
 
 
 def haematoxylin_lut(stain: stains.StainModel) -> np.ndarray:
-    """(3, 256) table: entry [c, v] is channel c's share of the H concentration of value v.
+    """(3, 256) float32 table: entry [c, v] is channel c's share of the H concentration of value v.
 
     The concentration is the first row of pinv(HE) applied to the pixel's OD; OD is a function of
     one channel value, so the sum of three table look-ups gives it without a float image.
     """
     od = -np.log((np.arange(256, dtype=np.float64) + 1) / stain.io)  # stains.optical_density
     row = np.linalg.pinv(stain.he)[0]
-    return row[:, None] * od[None, :]
+    return (row[:, None] * od[None, :]).astype(np.float32)
 
 
 def nuclei_mask(rgb: np.ndarray, stain: stains.StainModel, lut: np.ndarray | None = None) -> np.ndarray:
     """uint8 (H, W): 1 where the haematoxylin concentration of ``rgb`` (H, W, 3) is nuclear."""
     lut = haematoxylin_lut(stain) if lut is None else lut
-    h = lut[0][rgb[..., 0]] + lut[1][rgb[..., 1]] + lut[2][rgb[..., 2]]
-    return (h >= H_THRESHOLD * float(stain.max_c[0])).astype(np.uint8)
+    # each channel made contiguous first: the look-ups then run about twice as fast
+    h = lut[0][np.ascontiguousarray(rgb[..., 0])]
+    h += lut[1][np.ascontiguousarray(rgb[..., 1])]
+    h += lut[2][np.ascontiguousarray(rgb[..., 2])]
+    return (h >= np.float32(H_THRESHOLD * float(stain.max_c[0]))).view(np.uint8)
 
 
 def pixel_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
