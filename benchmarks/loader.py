@@ -17,6 +17,7 @@ once (each opens its own slides after the fork) and reports patches/s per proces
     .venv/bin/python benchmarks/loader.py --workers 2 --seconds 20
     .venv/bin/python benchmarks/loader.py --slide my.svs --mpp-max 8
     .venv/bin/python benchmarks/loader.py --via-loader --workers 2   # through training's DataLoader
+    .venv/bin/python benchmarks/loader.py --morphology               # each patch with its nuclei mask
 """
 
 from __future__ import annotations
@@ -127,18 +128,29 @@ def check_backends(paths: dict[str, Path]) -> None:
             assert np.array_equal(ra, rb), f"level {lvl}: tifffile and OpenSlide pixels differ"
 
 
-def _reader(path: str, args, seconds: float, rank: int, start, q) -> None:
-    """One reading process: open the slide here (never across a fork), read patches for a while."""
+def _sampler(path, args):
+    """The training sampler of one slide (``--morphology``: stain vectors fitted, nuclei masks)."""
     from wsigen.training import data
 
-    sd = data.load_slides([path], mpp=args.mpp)
-    sampler = data.PatchSampler(sd, args.patch, args.mpp_min, args.mpp_max)
+    sd = data.load_slides([str(path)], mpp=args.mpp, fit_stains=args.morphology)
+    return data.PatchSampler(sd, args.patch, args.mpp_min, args.mpp_max, nuclei=args.morphology)
+
+
+def _read(sampler, rng) -> None:
+    img, _, i = sampler.draw(rng)
+    if sampler.nuclei:
+        sampler.nuclei_mask(img, i)
+
+
+def _reader(path: str, args, seconds: float, rank: int, start, q) -> None:
+    """One reading process: open the slide here (never across a fork), read patches for a while."""
+    sampler = _sampler(path, args)
     rng = np.random.default_rng([args.seed, rank])
-    sampler.sample(rng)  # warm: first tiles, caches, imports
+    _read(sampler, rng)  # warm: first tiles, caches, imports
     start.wait()
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
-        sampler.sample(rng)
+        _read(sampler, rng)
         n += 1
     q.put((n / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / n))
 
@@ -146,10 +158,9 @@ def _reader(path: str, args, seconds: float, rank: int, start, q) -> None:
 def measure_loader(path: Path, args) -> dict:
     """Patches/s through the training loader itself: ``--workers`` DataLoader processes, one
     consumer (what ``wsigen train --loader-workers N`` gives the optimizer)."""
-    from wsigen.training import data, loader
+    from wsigen.training import loader
 
-    sd = data.load_slides([str(path)], mpp=args.mpp)
-    sampler = data.PatchSampler(sd, args.patch, args.mpp_min, args.mpp_max)
+    sampler = _sampler(path, args)
     batch = 8
     b = loader.Batches(sampler, args.seed, 0, batch, 0, 10**6, args.workers, "cpu")
     try:
@@ -195,6 +206,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--via-loader", action="store_true",
                     help="read through the training DataLoader with --workers loader processes")
+    ap.add_argument("--morphology", action="store_true",
+                    help="with each patch its nuclei mask (what --morphology-weight adds)")
     ap.add_argument("--side", type=int, default=SIDE, help="side of the built slides (power of 2)")
     ap.add_argument("--build-only", action="store_true",
                     help="only build the pyramidal TIFF (no OpenSlide needed) and print its path")
@@ -208,6 +221,7 @@ def main() -> None:
         paths = slides(args.work, args.side)
         check_backends(paths)
     res = {"patch": args.patch, "mpp": [args.mpp_min, args.mpp_max], "workers": args.workers,
+           "morphology": args.morphology,
            "seconds": args.seconds, "cpu_count": os.cpu_count(), "paths": {}}
     for name, p in paths.items():
         if args.via_loader:

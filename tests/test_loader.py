@@ -53,12 +53,13 @@ def test_same_batches_for_any_number_of_workers_and_a_resume(tiff):
     assert ref[0][0].shape == (3, 3, 32, 32) and ref[0][0].dtype == torch.float32
     assert -1 <= float(ref[0][0].min()) and float(ref[0][0].max()) <= 1
     assert not torch.equal(ref[0][0], ref[1][0])  # steps differ
+    assert ref[0].labels is None and ref[0].nuclei is None  # class-free, no morphology weight
     for workers in (1, 2):
         got = _batches(tiff, workers)
-        for (x, s), (xr, sr) in zip(got, ref, strict=True):
+        for (x, s, *_), (xr, sr, *_) in zip(got, ref, strict=True):
             assert torch.equal(x, xr) and torch.equal(s, sr)
     tail = _batches(tiff, 2, start=2)  # a run resumed at step 2
-    for (x, s), (xr, sr) in zip(tail, ref[2:], strict=True):
+    for (x, s, *_), (xr, sr, *_) in zip(tail, ref[2:], strict=True):
         assert torch.equal(x, xr) and torch.equal(s, sr)
     # each patch is a function of its key: the sampler's own draw gives the same pixels
     img, s = _sampler(tiff).keyed_patch(7, 1, 0, 2)
@@ -90,7 +91,7 @@ def test_no_slide_handle_crosses_a_fork(tiff, tmp_path, monkeypatch):
     workers = pids[1:]
     assert len(workers) == 2 and parent not in workers and len(set(workers)) == 2
     ref = _batches(tiff, 0, stop=6)
-    assert all(torch.equal(x, xr) for (x, _), (xr, _) in zip(got, ref, strict=True))
+    assert all(torch.equal(b.x, br.x) for b, br in zip(got, ref, strict=True))
 
 
 def test_in_memory_slides_are_shared_not_reopened(tiff):
@@ -98,7 +99,7 @@ def test_in_memory_slides_are_shared_not_reopened(tiff):
     assert isinstance(sampler.slides[0].slide, readers.ArraySlide)
     a = _batches(tiff, 2, cache_pixels=2**20)
     # the cached copy reads the same pixels as the file
-    assert all(torch.equal(x, xr) for (x, _), (xr, _) in zip(a, _batches(tiff, 0), strict=True))
+    assert all(torch.equal(b.x, br.x) for b, br in zip(a, _batches(tiff, 0), strict=True))
 
 
 def test_dropout_masks_are_keyed():

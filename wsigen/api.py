@@ -139,7 +139,8 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
 
 
 def train(slides, out, **options) -> dict:
-    """Train a denoiser on slides (``wsigen train``); see ``wsigen.training.train`` for the options."""
+    """Train a denoiser on slides (``wsigen train``); see ``wsigen.training.train`` for the options
+    (``labels="folders"`` or a ``slide,label`` CSV, ``label_dropout``, ``morphology_weight``, …)."""
     from .training import train as run
 
     return run(slides, out, **options)

@@ -156,6 +156,22 @@ def train_command(
         int | None,
         typer.Option(help="Save model and train-state every K steps. (default 500)", min=1),
     ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Class-conditional training: a slide,label CSV file (slide = file name "
+                     "or path relative to a folder given) or 'folders' (each slide's parent folder "
+                     "is its class). At least two classes; patches are drawn class-balanced."),
+    ] = None,
+    label_dropout: Annotated[
+        float | None,
+        typer.Option(help="Share of patches trained as 'no class' (for classifier-free guidance), "
+                     "0 ≤ p < 1; only with --labels. (default 0.1)"),
+    ] = None,
+    morphology_weight: Annotated[
+        float | None,
+        typer.Option(help="α of the morphology-weighted loss: each pixel's loss × (1 + α·nuclei "
+                     "mask), mean 1 per patch. (default 0: the plain EDM loss)"),
+    ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of initial weights, patches and noise. (default 0)")
     ] = None,
@@ -220,6 +236,9 @@ def train_command(
         slide_mpp=slide_mpp,
         tissue_threshold=tissue_threshold,
         stain_normalise=stain_normalise,
+        labels=labels,
+        label_dropout=label_dropout,
+        morphology_weight=morphology_weight,
         final_mpp=final_mpp,
         recommended_size=recommended_size,
         sample_steps=sample_steps,

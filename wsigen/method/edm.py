@@ -74,8 +74,12 @@ def edm_loss(
     generator: torch.Generator | None = None,
     p_mean: float = -1.2,
     p_std: float = 1.2,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """λ(σ)·‖D(x + n; σ, s) − x‖² with ln σ ~ N(P_mean, P_std²), averaged over the batch."""
+    """λ(σ)·‖D(x + n; σ, s) − x‖² with ln σ ~ N(P_mean, P_std²), averaged over the batch.
+
+    ``pixel_weight`` (broadcastable to x, e.g. (B, 1, H, W)) multiplies the squared error per
+    pixel; None is the plain loss (the same operations as without the argument)."""
     b = x.shape[0]
     rnd = torch.randn(b, device=x.device, generator=generator)
     sigma = (rnd * p_std + p_mean).exp()
@@ -83,7 +87,10 @@ def edm_loss(
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     noise = torch.randn(x.shape, device=x.device, generator=generator) * sigma.reshape(-1, 1, 1, 1)
     d = model(x + noise, sigma, mpp)
-    return (weight.reshape(-1, 1, 1, 1) * (d - x) ** 2).mean()
+    err = (d - x) ** 2
+    if pixel_weight is not None:
+        err = err * pixel_weight
+    return (weight.reshape(-1, 1, 1, 1) * err).mean()
 
 
 Denoise = Callable[[torch.Tensor, float], torch.Tensor]

@@ -194,7 +194,9 @@ class UNet(nn.Module):
         if bool((labels >= self.cfg.classes).any()) or bool((labels < -1).any()):
             raise ValueError(f"class labels must lie in −1…{self.cfg.classes - 1}")
         has = labels >= 0
-        if not bool(has.any()):
-            return e  # every sample "no class": exactly the class-free call
+        if not self.training and not bool(has.any()):
+            # every sample "no class": exactly the class-free call. (Training always uses the
+            # embedding, adding zeros there, so that DDP sees it used in every step.)
+            return e
         c = self.class_emb(labels.clamp(min=0).to(e.device)).to(e.dtype)
         return e + torch.where(has.to(e.device)[:, None], c, torch.zeros_like(c))

@@ -8,6 +8,7 @@ validated there, and passed as they are. ``TrainConfig.to_json`` is the ``config
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NamedTuple
 
@@ -27,6 +28,8 @@ RUN_CONTROL = (
 MPP_SAMPLING = ("uniform", "log-uniform")
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: --label-dropout when --labels is given and it is not (Ho & Salimans use 0.1–0.2)
+LABEL_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ class TrainConfig:
     tissue_threshold: float = 0.25
     tissue_od: float = 0.15
     stain_normalise: str | None = None
+    #: class labels of the slides: ``folders`` or a ``slide,label`` CSV file (None: class-free)
+    labels: str | None = None
+    #: share of patches trained with the "no class" label −1 (classifier-free guidance); only
+    #: with ``labels``, where None becomes :data:`LABEL_DROPOUT`
+    label_dropout: float | None = None
+    #: α of the morphology-weighted loss: per-pixel weight 1 + α·(nuclei mask), mean 1 per patch
+    morphology_weight: float = 0.0
     slide_mpp: float | None = None
     k: int = 2
     final_mpp: float | None = None
@@ -85,6 +95,10 @@ class TrainConfig:
         # lists from JSON or Python callers become tuples, so equal configs compare equal
         for name in ("mults", "attn_levels"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.labels is not None:  # a Path from Python callers: the config stores text
+            object.__setattr__(self, "labels", str(self.labels))
+            if self.label_dropout is None:
+                object.__setattr__(self, "label_dropout", LABEL_DROPOUT)
         self._validate()
 
     def _validate(self) -> None:
@@ -114,8 +128,22 @@ class TrainConfig:
             raise UsageError(f"--grad-accum must be at least 1 (got {self.grad_accum})")
         if self.precision not in (None, *PRECISIONS):
             raise UsageError(f"--precision must be fp32, bf16 or fp16 (got {self.precision!r})")
+        self._validate_labels()
         if self.device not in DEVICES:
             raise UsageError(f"--device must be cpu, cuda or auto (got {self.device!r})")
+
+    def _validate_labels(self) -> None:
+        if self.labels is None and self.label_dropout is not None:
+            raise UsageError("--label-dropout needs --labels (it drops class labels, and a run "
+                             "without --labels has none; on --resume give the run's --labels too)")
+        if self.labels is not None and not self.labels.strip():
+            raise UsageError("--labels must be 'folders' or a slide,label CSV file (got '')")
+        p = self.label_dropout
+        if p is not None and not (isinstance(p, int | float) and 0 <= p < 1):
+            raise UsageError(f"--label-dropout must lie in [0, 1) (got {p})")
+        a = self.morphology_weight
+        if not (isinstance(a, int | float) and math.isfinite(a) and a >= 0):
+            raise UsageError(f"--morphology-weight must be a finite number ≥ 0 (got {a})")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -128,8 +156,9 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def arch(self) -> dict:
-        """The ``arch`` block of the checkpoint config (as ``checkpoint.build_denoiser`` reads it)."""
+    def arch(self, classes: int = 0) -> dict:
+        """The ``arch`` block of the checkpoint config (as ``checkpoint.build_denoiser`` reads it),
+        with ``classes`` class embeddings (0: class-free, the key left out)."""
         cfg = UNetConfig(
             width=self.width,
             mults=tuple(self.mults),
@@ -137,6 +166,7 @@ class TrainConfig:
             attn_levels=tuple(self.attn_levels),
             emb_freqs=self.emb_freqs,
             dropout=self.dropout,
+            classes=classes,
         )
         d = {"name": "unet", **cfg.to_dict()}
         d.pop("extra", None)

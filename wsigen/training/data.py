@@ -23,8 +23,9 @@ import torch
 
 from ..errors import UsageError, WsigenError
 from ..judge import stains
+from ..method.classfree import NO_CLASS
 from ..slides import readers
-from . import keyed
+from . import keyed, morphology
 
 DEFAULT_BACKGROUND = (242, 240, 244)
 
@@ -53,6 +54,8 @@ class SlideData:
     mask_scale: float
     glass: np.ndarray | None
     stain: stains.StainModel | None = None
+    #: the stain vectors could not be fitted on the thumbnail: ``stain`` is the published reference
+    stain_fallback: bool = False
     integral: np.ndarray = field(init=False)
     released: bool = field(default=False, init=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)  # pid → own handle
@@ -114,28 +117,32 @@ def load_slides(
     stain_ref: str | None = None,
     cache_pixels: int = 64 * 2**20,
     planes: readers.Planes | None = None,
+    fit_stains: bool = False,
 ) -> list[SlideData]:
     """Open every slide, cache small ones in memory, build tissue masks (and stain models).
 
-    A slide with several planes (pages, Z, T, channels as pages) is refused unless ``planes``
-    picks them (``slides.planes``)."""
+    Stain vectors are fitted on the thumbnail for ``stain_ref`` (normalisation: a failed fit is
+    an error) or ``fit_stains`` (the nuclei mask: a failed fit falls back to the published
+    reference). A slide with several planes (pages, Z, T, channels as pages) is refused unless
+    ``planes`` picks them (``slides.planes``)."""
     files = readers.find_images(paths)
     out = []
     for p in files:
         slide = readers.cached(readers.open_image(p, mpp=mpp, planes=planes), cache_pixels)
         thumb = slide.thumbnail(thumb_side)
         mask = tissue_mask(thumb, od_threshold)
-        stain = None
-        if stain_ref is not None:
+        stain, fallback = None, False
+        if stain_ref is not None or fit_stains:
             try:
                 stain = stains.fit_macenko(thumb)
             except WsigenError as e:
-                raise WsigenError(
-                    f"{p}: cannot estimate stain vectors for normalisation ({e})"
-                ) from None
-        out.append(
-            SlideData(slide, mask, slide.width / thumb.shape[1], glass_colour(thumb, mask), stain)
-        )
+                if stain_ref is not None:
+                    raise WsigenError(
+                        f"{p}: cannot estimate stain vectors for normalisation ({e})"
+                    ) from None
+                stain, fallback = stains.REFERENCE, True
+        out.append(SlideData(slide, mask, slide.width / thumb.shape[1], glass_colour(thumb, mask),
+                             stain, fallback))
     return out
 
 
@@ -162,7 +169,14 @@ def dihedral(a: np.ndarray, k: int) -> np.ndarray:
 
 
 class PatchSampler:
-    """Draws (patch, s): s ~ U(s_min, s_max) (or log-uniform), then a slide and a position."""
+    """Draws (patch, s): s ~ U(s_min, s_max) (or log-uniform), then a slide and a position.
+
+    With ``classes`` (each slide's class index 0 … n−1) the draw is class-balanced: after s, a
+    class uniformly, then one of its slides by tissue area, so every class gets the same share of
+    patches however many slides or how much tissue it has (docs/training.md). The default s_max
+    is then the largest s at which a patch fits in some slide of *every* class. ``nuclei``: each
+    patch comes with its nuclei mask (:mod:`.morphology`), from its slide's stain vectors.
+    """
 
     def __init__(
         self,
@@ -175,6 +189,8 @@ class PatchSampler:
         augment: bool = True,
         stain_target: stains.StainModel | None = None,
         tries: int = 32,
+        classes: list[int] | None = None,
+        nuclei: bool = False,
     ):
         if not slides:
             raise WsigenError("no slides to train on")
@@ -185,8 +201,18 @@ class PatchSampler:
         if not 0 <= min_tissue <= 1:
             raise UsageError(f"tissue threshold must lie in [0, 1] (got {min_tissue})")
         self.slides, self.patch = slides, patch
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None and (len(self.classes) != len(slides)
+                                         or sorted(set(self.classes)) != list(range(max(self.classes) + 1))):
+            raise ValueError("classes: one index per slide, every class 0 … n−1 present")
+        self.n_classes = 0 if self.classes is None else max(self.classes) + 1
         native = min(s.slide.mpp for s in slides)
-        largest = max(s.max_mpp(patch) for s in slides)
+        largest, where = max(s.max_mpp(patch) for s in slides), "any slide"
+        if self.classes is not None:  # the coarsest s at which every class still has a slide
+            per_class = [max(s.max_mpp(patch) for s, c in zip(slides, self.classes, strict=True) if c == k)
+                         for k in range(self.n_classes)]
+            largest = min(per_class)
+            where = f"any slide of class {per_class.index(largest)}"
         self.mpp_min = float(mpp_min) if mpp_min is not None else native
         self.mpp_max = float(mpp_max) if mpp_max is not None else largest
         if not 0 < self.mpp_min < self.mpp_max:
@@ -194,11 +220,15 @@ class PatchSampler:
         if self.mpp_max > largest * (1 + 1e-6):
             raise UsageError(
                 f"mpp-max {self.mpp_max:g} is too coarse: a {patch}-px patch at that µm/px does "
-                f"not fit in any slide (largest possible {largest:.3g})"
+                f"not fit in {where} (largest possible {largest:.3g})"
             )
         self.min_tissue, self.mpp_sampling, self.augment = min_tissue, mpp_sampling, augment
         self.stain_target, self.tries = stain_target, tries
+        self.nuclei = nuclei
+        if nuclei and any(self._stain(i) is None for i in range(len(slides))):
+            raise ValueError("nuclei masks need every slide's stain vectors (load_slides(fit_stains=True))")
         self._weights = np.array([max(s.tissue_area(), 1e-9) for s in slides])
+        self._luts: dict[int, np.ndarray] = {}
 
     def draw_mpp(self, rng: np.random.Generator) -> float:
         if self.mpp_sampling == "uniform":
@@ -207,10 +237,19 @@ class PatchSampler:
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, float]:
         """One (M, M, 3) uint8 patch and its s."""
+        img, s, _ = self.draw(rng)
+        return img, s
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, float, int]:
+        """One (M, M, 3) uint8 patch, its s and the index of its slide."""
         s = self.draw_mpp(rng)
         ok = [i for i, sd in enumerate(self.slides) if sd.fits(s, self.patch)]
+        if self.classes is not None:  # class-balanced: a class first, then one of its slides
+            c = int(rng.integers(self.n_classes))
+            ok = [i for i in ok if self.classes[i] == c]
         w = self._weights[ok] / self._weights[ok].sum()
-        sd = self.slides[ok[int(rng.choice(len(ok), p=w))]]
+        i = ok[int(rng.choice(len(ok), p=w))]
+        sd = self.slides[i]
         side = self.patch * s / sd.slide.mpp  # level-0 pixels
         best, best_frac = None, -1.0
         # s stays fixed while the position is redrawn: the law of s stays exactly U(s_min, s_max)
@@ -228,11 +267,32 @@ class PatchSampler:
             img = stains.normalise(img, sd.stain, self.stain_target)
         if self.augment:
             img = dihedral(img, int(rng.integers(8)))
-        return np.ascontiguousarray(img), s
+        return np.ascontiguousarray(img), s, i
 
     def keyed_patch(self, seed: int, step: int, rank: int, index: int) -> tuple[np.ndarray, float]:
         """Patch ``index`` of ``step`` on ``rank``: a function of those and the seed alone."""
         return self.sample(keyed.patch_rng(seed, step, rank, index))
+
+    def keyed_item(self, seed: int, step: int, rank: int, index: int,
+                   label_dropout: float = 0.0) -> tuple[np.ndarray, float, int | None, np.ndarray | None]:
+        """Patch ``index`` of ``step`` on ``rank`` with its class label (−1 where keyed label
+        dropout drops it; None for a class-free sampler) and its nuclei mask (None unless
+        ``nuclei``): a function of those and the seed alone."""
+        img, s, i = self.draw(keyed.patch_rng(seed, step, rank, index))
+        label = None
+        if self.classes is not None:
+            label = NO_CLASS if keyed.label_dropped(seed, step, rank, index, label_dropout) else self.classes[i]
+        return img, s, label, self.nuclei_mask(img, i) if self.nuclei else None
+
+    def nuclei_mask(self, img: np.ndarray, i: int) -> np.ndarray:
+        """The nuclei mask of a patch of slide ``i`` (in the target's stains when normalised)."""
+        if i not in self._luts:
+            self._luts[i] = morphology.haematoxylin_lut(self._stain(i))
+        return morphology.nuclei_mask(img, self._stain(i), self._luts[i])
+
+    def _stain(self, i: int) -> stains.StainModel:
+        sd = self.slides[i]
+        return self.stain_target if self.stain_target is not None and sd.stain is not None else sd.stain
 
     def release(self) -> None:
         for sd in self.slides:

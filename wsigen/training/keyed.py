@@ -2,8 +2,10 @@
 
 Nothing global is drawn, so a resumed run repeats the uninterrupted one without any generator
 snapshot (design.md §2 "Determinism"). Each patch has its own key (seed, step, rank, index),
-so whichever loader process reads it, and in whatever order, it is the same patch; σ and noise
-of the loss are keyed per (step, rank, micro-batch), dropout masks per (step, rank, micro-batch).
+so whichever loader process reads it, and in whatever order, it is the same patch (its class
+too: the class of a labelled run is drawn from the patch's key); σ and noise of the loss are keyed
+per (step, rank, micro-batch), dropout masks per (step, rank, micro-batch), and whether a patch's
+label is dropped per (step, rank, index), apart from the patch itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..method import keys
 
 # sub-keys of the keyed RNG for training draws (DATA: the streams of train-states before
 # issue 13, which drew a step's patches and noise from one generator; no longer drawn)
-DATA, PREVIEW, PATCH, LOSS, DROPOUT = 0, 1, 2, 3, 4
+DATA, PREVIEW, PATCH, LOSS, DROPOUT, LABEL_DROP = 0, 1, 2, 3, 4, 5
 
 
 def step_rng(seed: int, step: int, rank: int, what: int) -> np.random.Generator:
@@ -40,6 +42,11 @@ def torch_generator(g: np.random.Generator, device) -> torch.Generator:
 def patch_rng(seed: int, step: int, rank: int, index: int) -> np.random.Generator:
     """The generator of patch ``index`` of ``step`` on ``rank`` (its s, position, augmentation)."""
     return keys.rng(seed, keys.TRAIN, PATCH, step, rank, index)
+
+
+def label_dropped(seed: int, step: int, rank: int, index: int, p: float) -> bool:
+    """Whether patch ``index`` of ``step`` on ``rank`` trains with "no class": Bernoulli(p), keyed."""
+    return p > 0 and bool(keys.rng(seed, keys.TRAIN, LABEL_DROP, step, rank, index).random() < p)
 
 
 def loss_generator(seed: int, step: int, rank: int, micro: int, device) -> torch.Generator:

@@ -43,7 +43,8 @@ def processes_for(workers: int | None, gpus: int | None, device: str) -> tuple[i
 def train_job(slides, out, options: TrainOptions, *, workers: int | None = None, gpus: int | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Train in this process, in N forked ranks, or as one rank of an external launcher's job."""
-    from .loop import _resolve, train
+    from . import setup
+    from .loop import train
 
     n, device = processes_for(workers, gpus, options.config.device)
     if device != options.config.device:
@@ -53,8 +54,12 @@ def train_job(slides, out, options: TrainOptions, *, workers: int | None = None,
         return train(slides, out, options, resume=resume, overwrite=overwrite, progress=progress)
     if options.config.batch % n:
         raise UsageError(f"--batch {options.config.batch} is not divisible by the {n} processes")
-    # the folder rules once, here (and --overwrite's clearing, before any rank looks at it)
-    _resolve(options, Path(out), resume, overwrite)
+    # the folder rules and the labels once, here (and --overwrite's clearing, before any rank
+    # looks at the folder)
+    cfg, _ = setup.resolve(options, Path(out), resume, overwrite)
+    setup.slide_files(cfg, slides)
+    if overwrite and not resume:
+        setup.clear_run(Path(out))
     return _spawn(n, device, (list(slides), str(out), options, resume, False, progress))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import time
@@ -23,24 +22,16 @@ from .. import faults
 from ..errors import UsageError, WsigenError
 from ..method import edm
 from ..slides import checkpoint
-from . import data, keyed, loader, log
+from . import data, keyed, loader, log, setup
 from .config import TrainConfig, TrainOptions, default_sampling, ema_beta, learning_rate
 from .progress import ProgressBar
 from .sampling import grid_image, sample_patches, to_uint8, write_png
-from .state import (
-    KEYS_VERSION,
-    OLD,
-    PARTIAL,
-    STATE_DIR,
-    Reached,
-    RunRecord,
-    SavedState,
-    has_state,
-    load_state,
-    save_state,
-)
+from .setup import PREVIEW_DIR, init_weights, training_config  # noqa: F401  (their old home)
+from .state import Reached, RunRecord, save_state
+from .step import optimizer_step, update_ema
 
-PREVIEW_DIR = "preview"
+#: preview rows of a labelled model: one per class, up to this many
+PREVIEW_CLASSES = 8
 
 
 class _Stop:
@@ -68,77 +59,6 @@ class _Stop:
             signal.signal(sig, h)
 
 
-def _resolve(
-    options: TrainOptions, out: Path, resume: bool, overwrite: bool
-) -> tuple[TrainConfig, SavedState | None]:
-    """The run's config (the saved one on resume) and its saved state; clears DIR on overwrite."""
-    if resume:
-        if not has_state(out):
-            raise WsigenError(f"--resume: no training state in {out} (expected {out / STATE_DIR})")
-        saved = load_state(out)
-        if saved.keys_version != KEYS_VERSION:
-            raise WsigenError(
-                f"--resume: {out / STATE_DIR} was written by an older wsigen whose patches and "
-                "noise are drawn differently, so it cannot be resumed exactly; start again with "
-                "--overwrite (or fine-tune its model with --init-from)"
-            )
-        return options.resumed(saved.config), saved
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise WsigenError(
-                f"{out} exists and is not empty; use --resume to continue or --overwrite to "
-                "start again"
-            )
-        for name in ("model.safetensors", STATE_DIR, OLD, PARTIAL, log.LOG_FILE, PREVIEW_DIR):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return options.config, None
-
-
-def init_weights(net: torch.nn.Module, spec: str, arch: dict, training_data: str) -> str:
-    """Start ``net`` from the weights of model ``spec`` (fine-tuning); same architecture only.
-
-    Returns the training-data line of the new checkpoint, which names the starting model.
-    """
-    base = checkpoint.load_model(spec)
-    if base.config["arch"] != arch:
-        theirs = {k: v for k, v in base.config["arch"].items() if arch.get(k) != v}
-        raise UsageError(
-            f"--init-from {spec}: its network differs from this run's "
-            f"({', '.join(f'{k}={v}' for k, v in sorted(theirs.items()))}); give the same "
-            "--width/--mults as the model"
-        )
-    net.load_state_dict(base.denoiser.state_dict())
-    return (
-        f"fine-tuned from {base.name} (sha256 {base.sha256[:16]}…, trained on "
-        f"{base.config.get('training_data') or 'unknown data'}) on {training_data}"
-    )
-
-
-def _describe_data(described: list[dict]) -> str:
-    """The checkpoint's ``training_data`` line: each slide with its hash and µm/px."""
-    return "; ".join(
-        f"{d['name']} (sha256 {d['sha256'][:16]}…, {d['mpp']:.4g} µm/px)" if d["sha256"] else d["name"]
-        for d in described
-    )
-
-
-def _sampler(cfg: TrainConfig, slides) -> data.PatchSampler:
-    slides_data = data.load_slides(
-        slides, mpp=cfg.slide_mpp, od_threshold=cfg.tissue_od, stain_ref=cfg.stain_normalise
-    )
-    target = data.reference_stain(cfg.stain_normalise) if cfg.stain_normalise else None
-    return data.PatchSampler(
-        slides_data,
-        cfg.patch,
-        cfg.mpp_min,
-        cfg.mpp_max,
-        cfg.tissue_threshold,
-        cfg.mpp_sampling,
-        stain_target=target,
-    )
-
-
 def train(
     slides,
     out,
@@ -163,7 +83,8 @@ def train(
     elif config is not None or given:
         raise UsageError("give train() either options or config/keyword options, not both")
     out = Path(out)
-    cfg, saved = _resolve(options, out, resume, overwrite)
+    cfg, saved = setup.resolve(options, out, resume, overwrite)
+    files, labels = setup.slide_files(cfg, slides)  # bad labels: refused before any slide is read
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise WsigenError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
@@ -175,16 +96,19 @@ def train(
     local_batch = cfg.batch // world
     micro = local_batch // cfg.grad_accum
 
-    sampler = _sampler(cfg, slides)
+    sampler = setup.make_sampler(cfg, files, labels)
     sampling = default_sampling(cfg, sampler.mpp_min, sampler.mpp_max)
     described = sampler.describe()
     if saved is not None and saved.slide_hashes != [d["sha256"] for d in described]:
         raise UsageError(
             f"--resume with different slides than the saved run ({', '.join(saved.slide_names)})"
         )
+    label_record = None if labels is None else labels.record(files)
+    if saved is not None:
+        setup.check_resumed_labels(saved, label_record, [d["name"] for d in described])
     # the checkpoint's own config: a dict, as the file stores it
     ckpt_cfg = checkpoint.make_config(
-        cfg.arch(),
+        cfg.arch(0 if labels is None else len(labels.classes)),
         patch=cfg.patch,
         k=cfg.k,
         mpp_range=[sampler.mpp_min, sampler.mpp_max],
@@ -193,7 +117,8 @@ def train(
         steps=cfg.sample_steps,
         guided_steps=sampling.guided_steps,
         background=data.measured_background(sampler.slides),
-        training_data=_describe_data(described),
+        training_data=setup.describe_data(described),
+        **setup.class_config(labels, cfg),
     )
     sigma_data = ckpt_cfg["sigma_data"]
     preview_schedule = edm.Schedule(
@@ -204,7 +129,8 @@ def train(
         torch.manual_seed(cfg.seed)  # initial weights: a pure function of the seed
         net = checkpoint.build_denoiser(ckpt_cfg)
     if cfg.init_from is not None:  # on resume the saved weights replace these below
-        line = init_weights(net, cfg.init_from, ckpt_cfg["arch"], ckpt_cfg["training_data"])
+        line = init_weights(net, cfg.init_from, ckpt_cfg["arch"], ckpt_cfg["training_data"],
+                            ckpt_cfg.get("classes"))
         ckpt_cfg = {**ckpt_cfg, "training_data": line}
     ema = checkpoint.build_denoiser(ckpt_cfg).requires_grad_(False)
     ema.load_state_dict(net.state_dict())
@@ -224,9 +150,15 @@ def train(
         acc.scaler.load_state_dict(saved.scaler)
 
     if main:
+        if overwrite and saved is None:
+            setup.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         log.trim(out / log.LOG_FILE, step)
-    run = RunRecord(cfg, described, world)
+        for sd in sampler.slides:
+            if sd.stain_fallback:
+                print(f"wsigen: {sd.name}: no stain vectors could be fitted on its thumbnail; its "
+                      "nuclei masks use the published reference stains", file=sys.stderr)
+    run = RunRecord(cfg, described, world, label_record)
 
     def elapsed() -> float:
         return before.elapsed + time.time() - t_start
@@ -245,9 +177,11 @@ def train(
         if not main:
             return
         g = keyed.torch_generator(keyed.preview_rng(cfg.seed), "cpu")
-        mpps = np.geomspace(sampler.mpp_min, sampler.mpp_max, 4).tolist() * 2
+        rows = min(sampler.n_classes, PREVIEW_CLASSES) or 2  # a row per class, or two seeds
+        mpps = np.geomspace(sampler.mpp_min, sampler.mpp_max, 4).tolist() * rows
+        classes = [r for r in range(rows) for _ in range(4)] if sampler.n_classes else None
         ema.eval()
-        x = sample_patches(ema, mpps, cfg.patch, preview_schedule, g, acc.device)
+        x = sample_patches(ema, mpps, cfg.patch, preview_schedule, g, acc.device, classes)
         (out / PREVIEW_DIR).mkdir(exist_ok=True)
         img = grid_image(to_uint8(x), cols=4)
         write_png(out / PREVIEW_DIR / f"step-{step:07d}.png", img)
@@ -256,38 +190,18 @@ def train(
     workers = cfg.loader_workers
     if workers is None:
         workers = loader.default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    batches = loader.Batches(sampler, cfg.seed, rank, local_batch, step, cfg.max_steps, workers, acc.device)
+    batches = loader.Batches(sampler, cfg.seed, rank, local_batch, step, cfg.max_steps, workers, acc.device,
+                             cfg.label_dropout or 0.0)
     t_start = time.time()
     losses, last_ckpt = [], step
     bar = ProgressBar(main and progress, cfg.max_steps, step)
     with _Stop() as stop, bar, contextlib.closing(batches):
         t_log, n_log, wait_log = time.time(), 0, 0.0
         while step < cfg.max_steps:
-            # one optimizer step: a keyed batch, the EDM loss, a clipped and sanitised update
-            x, s = next(batches)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            net.train()
-            loss = 0.0
-            for m in range(cfg.grad_accum):  # micro-batches; gradients meet (DDP) at the last
-                last_micro = m == cfg.grad_accum - 1
-                part = slice(m * micro, (m + 1) * micro)
-                gen = keyed.loss_generator(cfg.seed, step, rank, m, x.device)
-                with contextlib.nullcontext() if last_micro else acc.no_sync(net):
-                    with acc.autocast(), keyed.dropout_masks(cfg.seed, step, rank, m, x.device):
-                        part_loss = edm.edm_loss(_Loss(net, sigma_data), x[part], s[part], gen)
-                    acc.backward(part_loss if cfg.grad_accum == 1 else part_loss / cfg.grad_accum)
-                loss = loss + part_loss.detach() / cfg.grad_accum
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            for p in net.parameters():  # a NaN/Inf gradient must not poison the weights
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = optimizer_step(acc, net, opt, cfg, next(batches), step, rank, micro, sigma_data)
             step += 1
             images += cfg.batch
-            _update_ema(ema, acc.unwrap_model(net), ema_beta(cfg, images, cfg.batch))
+            update_ema(ema, acc.unwrap_model(net), ema_beta(cfg, images, cfg.batch))
             losses.append(float(loss.detach()))
             n_log += cfg.batch
 
@@ -356,42 +270,6 @@ def _precision(precision: str | None, cpu: bool) -> str:
     if precision == "fp16" and cpu:
         raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
     return {"fp32": "no"}.get(precision, precision)
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """ema ← beta·ema + (1 − beta)·net for the parameters; buffers are copied."""
-    for pe, pn in zip(ema.parameters(), net.parameters(), strict=True):
-        pe.copy_(pn.detach().lerp(pe, beta))
-    for be, bn in zip(ema.buffers(), net.buffers(), strict=True):
-        be.copy_(bn)
-
-
-class _Loss:
-    """The (maybe DDP-wrapped) denoiser as ``edm_loss`` wants it: callable, with ``sigma_data``."""
-
-    def __init__(self, module, sigma_data: float):
-        self.module, self.sigma_data = module, sigma_data
-
-    def __call__(self, x, sigma, mpp):
-        return self.module(x, sigma, mpp)
-
-
-def training_config(ckpt_cfg: dict, step: int, images: int, cfg: TrainConfig) -> dict:
-    """The checkpoint config plus how far training got (ignored by ``validate_config``)."""
-    return {
-        **ckpt_cfg,
-        "training": {
-            "step": step,
-            "images": images,
-            "batch": cfg.batch,
-            "lr": cfg.lr,
-            "mpp_sampling": cfg.mpp_sampling,
-            "seed": cfg.seed,
-            "tissue_threshold": cfg.tissue_threshold,
-            "stain_normalise": cfg.stain_normalise,
-        },
-    }
 
 
 __all__ = ["TrainConfig", "TrainOptions", "train"]

@@ -1,4 +1,5 @@
-"""Preview samples during training: unguided Heun sampling of a few patches, as a PNG grid."""
+"""Preview samples during training: unguided Heun sampling of a few patches (a row per class of a
+labelled model), as a PNG grid."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_patches(
-    denoiser, mpps, patch: int, sched: edm.Schedule, gen: torch.Generator, device
+    denoiser, mpps, patch: int, sched: edm.Schedule, gen: torch.Generator, device, classes=None
 ) -> torch.Tensor:
-    """Unguided Heun sampling of one patch per µm/px in ``mpps`` (for previews)."""
+    """Unguided Heun sampling of one patch per µm/px in ``mpps`` (for previews), of the class
+    ``classes[i]`` for patch i where given (a class-conditional denoiser, guidance w = 1)."""
     t = edm.karras_sigmas(sched)
     s = torch.tensor(mpps, dtype=torch.float32, device=device)
     x = (
         torch.randn((len(mpps), 3, patch, patch), generator=gen, device=gen.device).to(device)
         * t[0]
     )
+    extra = () if classes is None else (torch.tensor(classes, dtype=torch.long, device=device),)
 
     def denoise(x, sigma):
-        return denoiser(x, torch.tensor(sigma, device=device), s)
+        return denoiser(x, torch.tensor(sigma, device=device), s, *extra)
 
     for i in range(sched.steps):
         x, _ = edm.solver_step(denoise, x, t[i], t[i + 1])

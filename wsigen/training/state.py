@@ -2,7 +2,8 @@
 
 ``model.safetensors`` (raw weights), ``ema.safetensors``, ``optimizer.safetensors`` (AdamW's
 moments, one tensor per parameter and name) and ``state.json`` (step, images, elapsed time, the
-run's :class:`TrainConfig`, the slides, the optimizer's param groups, the AMP scaler). Randomness
+run's :class:`TrainConfig`, the slides and their classes, the optimizer's param groups, the AMP
+scaler). Randomness
 is keyed by (seed, step, rank), so there is no generator state to keep.
 """
 
@@ -55,14 +56,18 @@ class RunRecord:
     config: TrainConfig
     slides: list[dict]  # data.PatchSampler.describe(): name, path, sha256, µm/px
     world_size: int
+    #: a labelled run's classes and each slide's class (``setup.RunLabels.record``); a resume
+    #: with other labels is refused
+    labels: dict | None = None
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "config": self.config.to_json(),
             "slides": self.slides,
             "world_size": self.world_size,
             "torch": torch.__version__,
         }
+        return d if self.labels is None else {**d, "labels": self.labels}
 
 
 def save_state(
