@@ -62,5 +62,7 @@ def describe(slide: readers.Slide) -> dict:
         info = slide.store.info
         d.update(synthetic=True, seed=info.get("seed"), model=(info.get("model") or {}).get("name"),
                  model_sha256=(info.get("model") or {}).get("sha256"),
-                 grid_shift=(info.get("config") or {}).get("grid_shift"))
+                 grid_shift=(info.get("config") or {}).get("grid_shift"),
+                 **{"class": (info.get("config") or {}).get("class"),
+                    "guidance": (info.get("config") or {}).get("guidance")})
     return d
