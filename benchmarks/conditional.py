@@ -44,6 +44,10 @@ from wsigen.judge import stains  # noqa: E402
 MPP = 1.0  # µm/px of the synthetic training slides
 TISSUE_OD = 0.15  # ‖OD‖ above which a pixel is tissue (the training sampler's threshold)
 GUIDANCE = (0.0, 1.0, 3.0)
+# One thread for training and sampling, and the patches read in the training process: these tiny
+# networks gain little from a second thread, and on a shared 2-core machine under load two threads
+# were 3–10× slower than one (measured: 0.11 vs 0.5–1.2 s per training step at load 4).
+THREADS = 1
 
 
 # -- the two classes -----------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def train_model(slides_dir: Path, out: Path, *, labels: bool, steps: int, patch:
     options = dict(max_steps=steps, patch=patch, width=width, mults=(1, 2), batch=batch, seed=seed,
                    device="cpu", mpp_min=MPP, mpp_max=mpp_max, final_mpp=MPP, recommended_size=4 * patch,
                    preview_every=0, checkpoint_every=steps, log_every=max(1, steps // 20),
-                   loader_workers=1, lr_warmup=min(200, max(1, steps // 5)))
+                   loader_workers=0, lr_warmup=min(200, max(1, steps // 5)))
     if labels:
         options.update(labels="folders", label_dropout=0.1)  # issue 15's options (being built)
     return wsigen.train([slides_dir], out, overwrite=True, progress=False, **options)
@@ -205,9 +209,11 @@ def train_model(slides_dir: Path, out: Path, *, labels: bool, steps: int, patch:
 def sample_slide(out: Path, model: Path, size: int, *, class_name: str | None, guidance: float | None,
                  seed: int, steps: int) -> Path:
     """One size² slide at ``MPP`` of class ``class_name`` with guidance w (None, None: class-free)."""
+    import torch
+
     kw = {} if class_name is None else {"class_name": class_name, "guidance": guidance}
     wsigen.sample(out, size, model=str(model), seed=seed, steps=steps, mpp=MPP, device="cpu",
-                  overwrite=True, **kw)
+                  threads=torch.get_num_threads(), overwrite=True, **kw)
     return out
 
 
@@ -358,7 +364,7 @@ def main() -> int:
     mode.add_argument("--proxy", action="store_true",
                       help="one class-free model per class instead of one labelled model (runs today)")
     ap.add_argument("--estimate-steps", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 800; quick 100)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 1000; quick 100)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--patch", type=int, default=32)
     ap.add_argument("--width", type=int, default=16)
@@ -371,8 +377,12 @@ def main() -> int:
                     help="folder for slides, models and stores (default: a temporary one, removed)")
     ap.add_argument("--picture", type=Path, default=None,
                     help="one slide per class and w, e.g. docs/img/conditional.png")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (training and sampling)")
     args = ap.parse_args()
-    args.steps = args.steps or (100 if args.quick else 800)
+    import torch
+
+    torch.set_num_threads(args.threads)  # training in this process, and each sample (below)
+    args.steps = args.steps or (100 if args.quick else 1000)
     args.size = args.size or (64 if args.quick else 128)
     args.sample_steps = args.sample_steps or (8 if args.quick else 16)
     args.seeds = args.seeds or (2 if args.quick else 4)
