@@ -145,17 +145,17 @@ def _report(slide, all_refs, trains, o: Options, progress: Progress | None,
             col["reference"] = colour_summary(pr) if len(pr) else None
             if len(pg) and len(pr):
                 col["distances"] = colour_distances(pg, pr, col["generated"], col["reference"])
+        elif not refs:
+            notes.append("no --reference slides: colour statistics of the generated slide only, "
+                         "no distances")
         if sel.labels and len(pg):
-            def patches_of(idx):
+            def patches_of(idx):  # the selected references' patches are those drawn above
                 if tuple(idx) == sel.chosen:
                     return ref_sets[m0]
                 return sample_patches([all_refs[i] for i in idx], m0, o.patch_size, o.patches,
                                       o.seed + 1, o.min_tissue)
 
             col["by_class"] = classes.by_class(pg, col["generated"], sel, patches_of, o.seed)
-        elif not refs:
-            notes.append("no --reference slides: colour statistics of the generated slide only, "
-                         "no distances")
         report["colour"] = col
     else:
         report["colour"] = None
