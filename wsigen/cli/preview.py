@@ -52,7 +52,21 @@ def render(report: dict, console) -> None:
     if s.get("synthetic"):
         head += f"  ·  model {s.get('model')}  ·  seed {s.get('seed')}"
         head += "" if s.get("grid_shift", True) else "  ·  [yellow]fixed grid[/]"
+        if s.get("class") is not None:
+            w = s.get("guidance")
+            head += f"  ·  class {s['class']}" + (f" (guidance {w:g})" if w is not None else "")
     console.print(head)
+    refs = report.get("references") or {}
+    if refs.get("total"):
+        line = f"references: {refs['n']} of {refs['total']}"
+        if refs.get("compared") == "class":
+            line += f", those of class {refs['slide_class']}"
+            line += " (--class)" if refs.get("class_source") == "--class" else " (the store's class)"
+        elif refs.get("labels"):
+            line += ", all classes"
+        if refs.get("classes"):
+            line += f"  ·  labels {refs['labels']}: " + ", ".join(f"{c} {n}" for c, n in refs["classes"].items())
+        console.print(line)
 
     if report.get("stages"):
         t = Table(title="Cascade: seams (≈ 1 none, > 1 visible) and guide consistency", title_justify="left")
@@ -90,6 +104,8 @@ def render(report: dict, console) -> None:
         if d.get("concentration_w1"):
             t.add_row("H, E amount", "", "", "W₁ " + vec(d["concentration_w1"]))
         console.print(t)
+        if col.get("by_class"):
+            _by_class(col, console)
 
     feat = report.get("features")
     if feat and feat.get("scales"):
@@ -129,6 +145,25 @@ def render(report: dict, console) -> None:
             console.print(f"closest pairs: {p}")
     for note in report.get("notes", []):
         console.print(f"[dim]note: {note}[/]")
+
+
+def _by_class(col: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Colour by reference class ({col['mpp']:g} µm/px; H, E: mean amounts in the published "
+                    "Macenko basis)", title_justify="left", caption_justify="left",
+              caption="* the slide's class" if any(r.get("own") for r in col["by_class"]) else None)
+    for c in ("class", "refs", "H", "E", "OD W₁", "RGB W₁", "H, E angle", ""):
+        t.add_column(c, justify="left" if c in ("class", "") else "right")
+    g = col["generated"].get("amounts") or [None, None]
+    t.add_row("[bold]generated[/]", "", _f(g[0]), _f(g[1]), "", "", "", "")
+    for r in col["by_class"]:
+        a = r.get("amounts") or [None, None]
+        angles = "—" if r.get("H_angle_deg") is None else f"{r['H_angle_deg']:.0f}° {r['E_angle_deg']:.0f}°"
+        t.add_row(r["class"] + ("*" if r.get("own") else ""), str(r["n_references"]), _f(a[0]), _f(a[1]),
+                  _f(r.get("od_w1")), _f(r.get("rgb_w1"), ".1f"), angles,
+                  "[green]nearest[/]" if r.get("nearest") else "")
+    console.print(t)
 
 
 def _progress():
@@ -195,6 +230,8 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         slide: Slide,
         reference: Annotated[list[Path] | None, typer.Option("--reference", "-r", help="Real slides (files, stores or folders) to compare with; repeat the option.")] = None,
+        reference_labels: Annotated[str | None, typer.Option("--reference-labels", help="Classes of the --reference slides: 'folders' (each slide's folder name) or a slide,label CSV file. A slide of a class (its store's, or --class) is then compared with its class's references, and every class gets a colour row.")] = None,
+        class_name: Annotated[str | None, typer.Option("--class", help="The slide's class, for an exported slide or to override the store's.")] = None,
         training_data: Annotated[list[Path] | None, typer.Option("--training-data", "-t", help="The model's training slides, for the memorisation audit; repeat the option.")] = None,
         features: Annotated[Path | None, typer.Option(help="Feature-network weights (.safetensors, or .pth read with weights_only): Inception-v3 or ResNet-50 in torchvision's names.")] = None,
         features_arch: Annotated[str, typer.Option(help="auto, inception, inception-fid or resnet50.")] = "auto",
@@ -220,7 +257,8 @@ def register(app: typer.Typer) -> None:
                        training_patches=training_patches, seed=seed, device=device, batch=batch,
                        features=str(features) if features else None, features_arch=features_arch,
                        features_size=features_size, output_dir=str(output) if output else None,
-                       planes=Planes.of(page, channels))
+                       planes=Planes.of(page, channels), reference_labels=reference_labels,
+                       slide_class=class_name)
         bar, update = _progress()
         try:
             if bar:

@@ -18,12 +18,19 @@ def tissue_pixels(images: np.ndarray, max_pixels: int = 1_000_000, seed: int = 0
     return px
 
 
+def reference_amounts(od: np.ndarray) -> list[float]:
+    """Mean H and E amounts of tissue ODs in the *published* Macenko basis (``stains.REFERENCE``):
+    one fixed basis for every slide, so two slides' numbers compare directly."""
+    return stains.concentrations(od, stains.REFERENCE.he).mean(axis=0).round(4).tolist()
+
+
 def colour_summary(px: np.ndarray) -> dict:
     od = stains.optical_density(px)
     d = {"pixels": int(len(px)), "rgb_mean": px.mean(axis=0).round(2).tolist(),
          "od_mean": od.mean(axis=0).round(4).tolist(),
          "od_p50": np.percentile(od, 50, axis=0).round(4).tolist(),
-         "od_p99": np.percentile(od, 99, axis=0).round(4).tolist()}
+         "od_p99": np.percentile(od, 99, axis=0).round(4).tolist(),
+         "amounts": reference_amounts(od)}
     try:
         fit = stains.fit_macenko(px.reshape(-1, 1, 3))
         d["stain"] = {"H": fit.he[:, 0].round(4).tolist(), "E": fit.he[:, 1].round(4).tolist(),

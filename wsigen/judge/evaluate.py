@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UsageError, WsigenError
 from ..slides import readers
-from . import Progress, metrics
+from . import Progress, classes, metrics
 from .colour import colour_distances, colour_summary, tissue_pixels
 from .features import ARCHS, device_for, extract_features, load_feature_net
 from .memorisation import memorisation
@@ -81,25 +81,34 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
         raise UsageError(f"--patches must be at least 2 (got {o.patches})")
     if o.features_arch not in ARCHS:
         raise UsageError(f"--features-arch must be one of {', '.join(ARCHS)} (got {o.features_arch!r})")
-    if o.output_dir:
-        Path(o.output_dir).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as opened:
         slide = opened.enter_context(open_slide(path, planes=o.planes))
         if slide.mpp is None:
             raise WsigenError(f"{path} does not record its µm/px; evaluation needs it")
-        refs = [opened.enter_context(s) for s in _open_all(reference, "reference", o.planes)]
+        ref_paths = expand(reference)
+        cls, source = classes.slide_class(slide.store.info if isinstance(slide, StoreSlide) else None,
+                                          o.slide_class)
+        sel = classes.select(ref_paths, reference, o.reference_labels, cls, source)
+        refs = [opened.enter_context(s) for s in _open_all(ref_paths, "reference", o.planes)]
         trains = [opened.enter_context(s) for s in _open_all(training, "training", o.planes)]
-        report = clean(_report(slide, refs, trains, o, progress))
+        if o.output_dir:
+            Path(o.output_dir).mkdir(parents=True, exist_ok=True)
+        report = clean(_report(slide, refs, trains, o, progress, sel))
     if o.output_dir:
         (Path(o.output_dir) / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _report(slide, refs, trains, o: Options, progress: Progress | None) -> dict:
+def _report(slide, all_refs, trains, o: Options, progress: Progress | None,
+            sel: classes.Selection) -> dict:
     notes: list[str] = []
+    refs = [all_refs[i] for i in sel.chosen]  # every metric compares with these (per class: its own)
     report: dict = {"slide": describe(slide), "options": {
         "patch_size": o.patch_size, "patches": o.patches, "seed": o.seed,
-        "references": [str(s.path) for s in refs], "training_data": [str(s.path) for s in trains]}}
+        "references": [str(s.path) for s in refs], "training_data": [str(s.path) for s in trains]},
+        "references": sel.record()}
+    if sel.note():
+        notes.append(sel.note())
 
     # 1. the cascade itself: seams and guide consistency (stores only)
     if isinstance(slide, StoreSlide):
@@ -139,6 +148,14 @@ def _report(slide, refs, trains, o: Options, progress: Progress | None) -> dict:
         elif not refs:
             notes.append("no --reference slides: colour statistics of the generated slide only, "
                          "no distances")
+        if sel.labels and len(pg):
+            def patches_of(idx):  # the selected references' patches are those drawn above
+                if tuple(idx) == sel.chosen:
+                    return ref_sets[m0]
+                return sample_patches([all_refs[i] for i in idx], m0, o.patch_size, o.patches,
+                                      o.seed + 1, o.min_tissue)
+
+            col["by_class"] = classes.by_class(pg, col["generated"], sel, patches_of, o.seed)
         report["colour"] = col
     else:
         report["colour"] = None

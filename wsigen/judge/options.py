@@ -24,4 +24,6 @@ class Options:
     stage_max_pixels: int = 2**26  # per stage for seams/guide; bigger stages are sampled in bands
     min_tissue: float = 0.5
     output_dir: str | None = None  # report.json and closest-pairs images
+    reference_labels: str | None = None  # "folders" or a slide,label CSV: the references' classes
+    slide_class: str | None = None  # compare with the references of this class (default: the store's)
     planes: Planes | None = None  # --page/--channels: the plane(s) of image inputs with several

@@ -60,7 +60,9 @@ def describe(slide: readers.Slide) -> dict:
          "width": slide.width, "height": slide.height, "mpp": slide.mpp}
     if isinstance(slide, StoreSlide):
         info = slide.store.info
+        cfg = info.get("config") or {}
         d.update(synthetic=True, seed=info.get("seed"), model=(info.get("model") or {}).get("name"),
-                 model_sha256=(info.get("model") or {}).get("sha256"),
-                 grid_shift=(info.get("config") or {}).get("grid_shift"))
+                 model_sha256=(info.get("model") or {}).get("sha256"), grid_shift=cfg.get("grid_shift"),
+                 guidance=cfg.get("guidance"))
+        d["class"] = cfg.get("class")  # None for a class-free slide
     return d
