@@ -81,7 +81,7 @@ def schedule_line(cfg: SlideConfig, settings: stages.Settings, last: int) -> str
     return "schedule: " + "; ".join(parts)
 
 
-def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store, net_batch):
+def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store, net_batch=None):
     """Refuse before anything is written when memory or disk cannot hold the slide (rank 0 decides).
 
     Returns rank 0's ``preflight.Needs`` (``state_line()`` says the state per process), else None.
@@ -90,7 +90,7 @@ def _preflight(plans, lm, settings, dev, topo, out, checkpoint_every, store, net
     error = needs = None
     if topo.rank == 0:
         needs = preflight.estimate(
-            plans, lm.patch, lm.config["k"], net_batch,
+            plans, lm.patch, lm.config["k"], net_batch or settings.batch,
             sum(p.numel() for p in lm.denoiser.parameters()), world=topo.world,
             processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", topo.world)),
             checkpoint=checkpoint_every > 0, device_type=dev.type,
