@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 ORDER = ["pipeline.py", "scaling.py", "overhead.py", "throughput.py", "state_dtype.py", "export.py", "workers.py",
-         "io_overlap.py", "step_kernels.py"]
+         "io_overlap.py", "step_kernels.py", "conditional.py"]
 
 
 def main() -> int:
