@@ -154,3 +154,26 @@ def test_upscale_takes_a_class(models, tmp_path):
                "--guidance", "1.5", "--factor", "2", "--steps", "3", "-o", out)
     assert r.exit_code == 0, r.output
     assert (_wsigen(out)["config"]["class"], _wsigen(out)["config"]["guidance"]) == ("normal", 1.5)
+
+
+def test_no_class_and_w0_sample_the_class_free_network_byte_for_byte(models, tmp_path):
+    """The conditional model without a class, and with any class at w = 0, is the class-free
+    network: the same weights saved without the class embedding give the same bytes."""
+    from wsigen.slides.checkpoint import build_denoiser, load_model, save_checkpoint
+
+    lm = load_model(models / "c.safetensors")
+    cfg = {k: v for k, v in lm.config.items() if k not in ("classes", "class_slides", "label_dropout")}
+    cfg["arch"] = {k: v for k, v in cfg["arch"].items() if k != "classes"}
+    free = build_denoiser(cfg)
+    free.load_state_dict({k: v for k, v in lm.denoiser.state_dict().items() if "class_emb" not in k})
+    save_checkpoint(tmp_path / "same.safetensors", free, cfg)
+    outs = {}
+    for name, args in {"free": ["--model", tmp_path / "same.safetensors"],
+                       "none": ["--model", models / "c.safetensors"],
+                       "w0": ["--model", models / "c.safetensors", "--class", "tumour", "--guidance", "0"],
+                       "w1": ["--model", models / "c.safetensors", "--class", "tumour"]}.items():
+        out = tmp_path / f"{name}.zarr"
+        assert invoke("sample", *args, *SMALL, "-o", out).exit_code == 0
+        outs[name] = _pixels(out)
+    assert (outs["none"] == outs["free"]).all() and (outs["w0"] == outs["free"]).all()
+    assert (outs["w1"] != outs["free"]).any()
