@@ -177,3 +177,26 @@ def test_no_class_and_w0_sample_the_class_free_network_byte_for_byte(models, tmp
         outs[name] = _pixels(out)
     assert (outs["none"] == outs["free"]).all() and (outs["w0"] == outs["free"]).all()
     assert (outs["w1"] != outs["free"]).any()
+
+
+def test_exports_carry_the_class_back(models, tmp_path):
+    """Every TIFF-family export and the DICOM folder give the class back (info, evaluate)."""
+    from wsigen.slides.dicom_read import describe
+    from wsigen.slides.export_meta import read_provenance
+
+    out = tmp_path / "p.zarr"
+    invoke("sample", "--model", models / "c.safetensors", "--class", "tumour", "--guidance", "2.5", *SMALL,
+           "-o", out)
+    for fmt, name in (("ome-tiff", "p.ome.tif"), ("svs", "p.svs"), ("tiff", "p.tif")):
+        assert invoke("export", out, "--format", fmt, "-o", tmp_path / name).exit_code == 0
+        prov = read_provenance(tmp_path / name)
+        assert (prov["class"], float(prov["guidance"])) == ("tumour", 2.5), fmt
+    assert invoke("export", out, "--format", "dicom", "-o", tmp_path / "d").exit_code == 0
+    d = describe(tmp_path / "d")
+    assert (d["class"], d["guidance"]) == ("tumour", 2.5)
+    assert "class      tumour" in invoke("info", tmp_path / "d").output
+    free = tmp_path / "f.zarr"
+    invoke("sample", "--model", models / "free.safetensors", *SMALL, "-o", free)
+    invoke("export", free, "--format", "tiff", "-o", tmp_path / "f.tif")
+    assert "class" not in read_provenance(tmp_path / "f.tif")
+    assert read_provenance(tmp_path / "nothing.tif") is None

@@ -180,3 +180,15 @@ def test_feature_metrics_follow_the_selection(data, tmp_path):
         (row,) = evaluate.evaluate(data["purple"], [data["refs"]], options=o)["features"]["scales"]
         fid[cls] = row["fid"]
     assert fid["purple"] < fid["pink"] / 2, fid
+
+
+@pytest.mark.parametrize("fmt", ["ome-tiff", "svs"])
+def test_an_export_of_a_class_store_gives_its_class(data, tmp_path, fmt):
+    out = tmp_path / ("pink.ome.tif" if fmt == "ome-tiff" else "pink.svs")
+    assert run("export", data["pink"], "--format", fmt, "-o", out).exit_code == 0
+    r = evaluate.evaluate(out, [data["refs"]], options=opts(reference_labels="folders"))
+    assert r["references"]["class_source"] == "export provenance"
+    assert r["references"]["slide_class"] == "pink" and r["references"]["n"] == 2
+    # a plain image records nothing: all references, as before
+    r = evaluate.evaluate(data["pink-tif"], [data["refs"]], options=opts(reference_labels="folders"))
+    assert r["references"]["slide_class"] is None and r["references"]["n"] == 4

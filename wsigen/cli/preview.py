@@ -61,7 +61,8 @@ def render(report: dict, console) -> None:
         line = f"references: {refs['n']} of {refs['total']}"
         if refs.get("compared") == "class":
             line += f", those of class {refs['slide_class']}"
-            line += " (--class)" if refs.get("class_source") == "--class" else " (the store's class)"
+            src = refs.get("class_source")
+            line += {"--class": " (--class)", "store": " (the store's class)"}.get(src, f" (from its {src})")
         elif refs.get("labels"):
             line += ", all classes"
         if refs.get("classes"):

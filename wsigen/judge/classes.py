@@ -2,9 +2,10 @@
 colour of a slide against the references of each class (``--reference-labels``).
 
 A slide's class is the one its store records (``config["class"]``, written by ``wsigen sample
---class``) or ``--class``. With labelled references a slide of class c is compared with the
-references of class c only; a slide without a class, or references without labels, are compared
-with all references, and the report says so. Every labelled reference class also gets a row of
+--class``), the one an export of such a store carries in its provenance, or ``--class``. With
+labelled references a slide of class c is compared with the references of class c only; a slide
+without a class, or references without labels, are compared with all references, and the report
+says so. Every labelled reference class also gets a row of
 colour and stain distances, which shows whether a class-conditional model's slide looks like its
 own class more than like the others.
 """
@@ -21,14 +22,15 @@ from ..slides.labels import Labels, read_labels
 from .colour import colour_distances, colour_summary, tissue_pixels
 
 
-def slide_class(info: dict | None, given: str | None) -> tuple[str | None, str | None]:
-    """(class, where it came from): ``--class`` if given, else the store's, else (None, None)."""
+def slide_class(info: dict | None, given: str | None, where: str = "store") -> tuple[str | None, str | None]:
+    """(class, where it came from): ``--class`` if given, else the one ``info`` records (a store's
+    attributes, or an export's provenance as ``{"config": …}``), else (None, None)."""
     if given is not None:
         if not str(given).strip():
             raise UsageError("--class must name a class (got an empty name)")
         return str(given), "--class"
     cls = ((info or {}).get("config") or {}).get("class")
-    return (str(cls), "store") if cls is not None else (None, None)
+    return (str(cls), where) if cls is not None else (None, None)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Selection:
     chosen: tuple[int, ...]
     total: int
     slide_class: str | None
-    class_source: str | None  # "store", "--class" or None
+    class_source: str | None  # "store", "export provenance", "--class" or None
     labels: Labels | None
     names: tuple[str | None, ...]  # each reference's class (None without labels)
 
@@ -87,7 +89,7 @@ def select(paths: list[Path], roots, spec: str | None, cls: str | None, source: 
     else:
         chosen = tuple(i for i, n in enumerate(names) if n == cls)
         if not chosen:
-            where = "the store's class" if source == "store" else "--class"
+            where = {"store": "the store's class", "--class": "--class"}.get(source, f"the class of its {source}")
             raise UsageError(f"--reference-labels: no reference slide is labelled {cls!r} ({where}); the "
                              f"references' classes are {_counts(labels)} (add references of {cls!r}, "
                              "or give --class to compare with another class)")

@@ -25,7 +25,7 @@ from .memorisation import memorisation
 from .options import Options
 from .patches import PatchSet, default_mpps, footprint, sample_patches
 from .seams import stage_metrics
-from .sources import StoreSlide, describe, is_store, open_slide
+from .sources import StoreSlide, describe, exported_info, is_store, open_slide
 
 # -- slides -------------------------------------------------------------------------------------
 
@@ -86,8 +86,10 @@ def evaluate(path, reference=(), training=(), options: Options | None = None,
         if slide.mpp is None:
             raise WsigenError(f"{path} does not record its µm/px; evaluation needs it")
         ref_paths = expand(reference)
-        cls, source = classes.slide_class(slide.store.info if isinstance(slide, StoreSlide) else None,
-                                          o.slide_class)
+        if isinstance(slide, StoreSlide):
+            cls, source = classes.slide_class(slide.store.info, o.slide_class)
+        else:  # an export of a class-conditional store carries its class in its provenance
+            cls, source = classes.slide_class(exported_info(path), o.slide_class, "export provenance")
         sel = classes.select(ref_paths, reference, o.reference_labels, cls, source)
         refs = [opened.enter_context(s) for s in _open_all(ref_paths, "reference", o.planes)]
         trains = [opened.enter_context(s) for s in _open_all(training, "training", o.planes)]

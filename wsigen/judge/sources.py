@@ -54,6 +54,18 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, planes=None) -
     return readers.open_image(path, mpp=mpp, require_mpp=False, planes=planes)
 
 
+def exported_info(path) -> dict | None:
+    """An export's provenance as a store's attributes (``{"config": {"class", "guidance"}, …}``),
+    or None for a file that is not one of our TIFF-family exports."""
+    from ..slides.export_meta import read_provenance
+
+    prov = read_provenance(path) if Path(path).is_file() else None
+    if prov is None:
+        return None
+    return {"config": {"class": prov.get("class"), "guidance": prov.get("guidance")},
+            "seed": prov.get("seed"), "model_sha256": prov.get("model_sha256")}
+
+
 def describe(slide: readers.Slide) -> dict:
     """Name, size, µm/px and (for stores) provenance: what a figure title and a report show."""
     d = {"path": str(slide.path), "name": Path(slide.path).name if slide.path else "image",

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import WsigenError
 
-_PROVENANCE = re.compile(r"model sha256 (?P<sha>[0-9a-f]+|None); seed (?P<seed>[^;]+)")
+_PROVENANCE = re.compile(r"model sha256 (?P<sha>[0-9a-f]+|None); seed (?P<seed>[^;]+)"
+                         r"(?:; class (?P<cls>.+?) \(guidance (?P<w>[^)]+)\))?")
 
 
 def dicom_files(path: str | os.PathLike, limit: int | None = None) -> list[Path]:
@@ -114,6 +115,7 @@ def describe(path: str | os.PathLike) -> dict:
         "study_uid": str(first.get("StudyInstanceUID", "")), "series_uid": str(first.get("SeriesInstanceUID", "")),
         "transfer_syntax": first.file_meta.TransferSyntaxUID.name,
         "model_sha256": m["sha"] if m else None, "seed": m["seed"] if m else None,
+        "class": m["cls"] if m else None, "guidance": float(m["w"]) if m and m["w"] else None,
         "files": len(files), "disk_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
     }
 
@@ -127,6 +129,7 @@ def info_lines(d: dict) -> list[str]:
         f"size       {size}" + (", synthetic" if d["synthetic"] else ""),
         f"patient    {d['patient_name']} (ID {d['patient_id']})",
         f"model      sha256 {d['model_sha256'] or '—'}; seed {d['seed'] or '—'}",
+        *([f"class      {d['class']} (classifier-free guidance w = {d['guidance']:g})"] if d.get("class") else []),
         f"levels     {', '.join(f'{lw}x{lh}' for lh, lw in d['levels'])}",
         f"series     {d['series_uid']} (study {d['study_uid']})",
         f"disk       {d['disk_bytes'] / 1e6:,.1f} MB",

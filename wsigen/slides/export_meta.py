@@ -86,3 +86,42 @@ def aperio_description(meta: dict, width: int, height: int, tile: int, codec: Co
     head = (f"Aperio Image Library wsigen {__version__}\r\n"
             f"{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) {comp}")
     return head + "".join(f"|{k} = {_ascii(v)}" for k, v in fields.items())
+
+
+def read_provenance(path) -> dict | None:
+    """The provenance an export of ours carries (generic TIFF JSON, OME-XML map annotation or
+    Aperio fields of the first page's ImageDescription), or None for any other file."""
+    import re
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as t:
+            desc = t.pages[0].description or ""
+    except (OSError, ValueError, tifffile.TiffFileError, IndexError):
+        return None
+    head = "wsigen synthetic whole-slide image (not a patient sample) "
+    if desc.startswith(head):
+        try:
+            return json.loads(desc[len(head):])
+        except json.JSONDecodeError:
+            return None
+    if WSIGEN_NS in desc:  # OME-XML: <M K="key">value</M>, strings raw and the rest as JSON
+        from xml.sax.saxutils import unescape
+
+        out = {}
+        for k, v in re.findall(r'<M K="([^"]*)">([^<]*)</M>', desc):
+            v = unescape(v)
+            try:
+                out[unescape(k)] = json.loads(v) if k not in ("class", "model", "model_sha256") else v
+            except json.JSONDecodeError:
+                out[unescape(k)] = v
+        return out or None
+    if desc.startswith("Aperio") and "|Synthetic = true" in desc:
+        fields = dict(f.split(" = ", 1) for f in desc.split("|")[1:] if " = " in f)
+        out = {"synthetic": True, "model": fields.get("Model"), "model_sha256": fields.get("ModelSHA256"),
+               "seed": fields.get("Seed")}
+        if "Class" in fields:
+            out.update({"class": fields["Class"], "guidance": float(fields.get("Guidance", "1"))})
+        return out
+    return None
