@@ -273,3 +273,28 @@ def test_all_labels_dropped_still_uses_the_class_embedding_in_training():
     assert torch.equal(out.detach(), want)  # still exactly the class-free call
     out.square().sum().backward()
     assert net.class_emb.weight.grad is not None and not net.class_emb.weight.grad.any()
+
+
+def test_preview_rows_share_their_noise():
+    """Class rows of a preview start from the same noise: one class in every row gives equal rows,
+    two classes different ones."""
+    import torch
+
+    from wsigen.method.edm import EDMPrecond, Schedule
+    from wsigen.nets import UNet, UNetConfig
+    from wsigen.training.sampling import sample_patches
+
+    torch.manual_seed(0)
+    net = EDMPrecond(UNet(UNetConfig(width=8, mults=(1, 2), classes=2))).eval()
+    for p in net.parameters():
+        if not p.detach().any():
+            torch.nn.init.normal_(p, std=0.05)
+    mpps = [1.0, 2.0] * 2
+
+    def run(classes):
+        g = torch.Generator().manual_seed(5)
+        return sample_patches(net, mpps, 16, Schedule(3), g, "cpu", classes, repeat=2)
+    same = run([0, 0, 0, 0])
+    assert torch.equal(same[:2], same[2:])
+    diff = run([0, 0, 1, 1])
+    assert torch.equal(diff[:2], same[:2]) and not torch.equal(diff[2:], same[2:])

@@ -91,3 +91,20 @@ def test_joining_an_external_job(monkeypatch):
         launch.processes_for(3, None, "cpu")
     monkeypatch.delenv("WORLD_SIZE")
     assert launch.processes_for(None, None, "cpu") == (1, "cpu")
+
+
+def test_two_ranks_train_labelled_even_when_a_rank_drops_every_label(tmp_path):
+    """DDP needs every parameter used in every step: with label dropout 0.9 a rank often drops
+    all its labels, and the class embedding must still take part (nets.unet adds zeros then)."""
+    rng = np.random.default_rng(2)
+    d = tmp_path / "slides"
+    for cls, base in (("a", (215, 140, 185)), ("b", (150, 110, 190))):
+        (d / cls).mkdir(parents=True)
+        img = np.clip(np.array(base) + rng.normal(0, 25, (96, 96, 3)), 0, 255).astype(np.uint8)
+        (d / cls / f"{cls}.png").write_bytes(imagecodecs.png_encode(img))
+    out = tmp_path / "m"
+    r = wsigen("train", d, "-o", out, "--max-steps", "3", "--workers", "2", "--labels", "folders",
+               "--label-dropout", "0.9", *TINY)
+    assert r.returncode == 0, r.stderr
+    cfg = checkpoint.load_model(out).config
+    assert cfg["classes"] == ["a", "b"] and cfg["training"]["step"] == 3

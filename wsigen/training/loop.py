@@ -181,7 +181,8 @@ def train(
         mpps = np.geomspace(sampler.mpp_min, sampler.mpp_max, 4).tolist() * rows
         classes = [r for r in range(rows) for _ in range(4)] if sampler.n_classes else None
         ema.eval()
-        x = sample_patches(ema, mpps, cfg.patch, preview_schedule, g, acc.device, classes)
+        x = sample_patches(ema, mpps, cfg.patch, preview_schedule, g, acc.device, classes,
+                           repeat=rows if classes else 1)  # class rows: the same noise per column
         (out / PREVIEW_DIR).mkdir(exist_ok=True)
         img = grid_image(to_uint8(x), cols=4)
         write_png(out / PREVIEW_DIR / f"step-{step:07d}.png", img)

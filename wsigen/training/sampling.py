@@ -19,16 +19,19 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_patches(
-    denoiser, mpps, patch: int, sched: edm.Schedule, gen: torch.Generator, device, classes=None
+    denoiser, mpps, patch: int, sched: edm.Schedule, gen: torch.Generator, device, classes=None,
+    repeat: int = 1,
 ) -> torch.Tensor:
     """Unguided Heun sampling of one patch per µm/px in ``mpps`` (for previews), of the class
-    ``classes[i]`` for patch i where given (a class-conditional denoiser, guidance w = 1)."""
+    ``classes[i]`` for patch i where given (a class-conditional denoiser, guidance w = 1).
+    ``repeat``: the first len(mpps)/repeat patches' noise is used again by each following group
+    (a labelled model's rows then differ by their class alone)."""
     t = edm.karras_sigmas(sched)
     s = torch.tensor(mpps, dtype=torch.float32, device=device)
     x = (
-        torch.randn((len(mpps), 3, patch, patch), generator=gen, device=gen.device).to(device)
+        torch.randn((len(mpps) // repeat, 3, patch, patch), generator=gen, device=gen.device).to(device)
         * t[0]
-    )
+    ).repeat(repeat, 1, 1, 1)
     extra = () if classes is None else (torch.tensor(classes, dtype=torch.long, device=device),)
 
     def denoise(x, sigma):
