@@ -29,7 +29,7 @@ def run_spec(out, size=None, *, device: str = "auto", resume: bool = False, over
 def _check_class(spec: RunSpec, count: int | None) -> None:
     """A class the model cannot draw is refused here, before any process starts (fresh runs; on
     --resume the store's class is checked against the given one)."""
-    from .run.config import check_class
+    from .run.classes import check_class
 
     r = spec.request
     if not spec.resume and r.class_name is not None:

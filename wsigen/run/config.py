@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, WsigenError
+from .classes import CLASS_FIELDS, class_choice
 from .presets import SCHEDULE_FIELDS, check_preset, schedule_record
 from .presets import resolve as resolve_schedule
 from .source import Source
@@ -32,8 +33,6 @@ SOLVERS = ("heun", "euler", "dpmpp2m")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STATE_DTYPES = ("float32", "float16")
 DEVICES = ("cpu", "cuda", "auto")
-#: class-conditional sampling: Request/SlideConfig field → store config name (stored only when set)
-CLASS_FIELDS = {"class_name": "class", "guidance": "guidance"}
 
 
 def parse_size(size: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -258,7 +257,7 @@ class SlideConfig:
         """The request with every missing value taken from the model (or the built-in default)."""
         mc, r = lm.config, request
         sched = resolve_schedule(r, mc)
-        label, weight = _class_choice(r, lm)
+        label, weight = class_choice(r, lm)
         steps, guided = sched.steps, sched.guided_steps
         w, h = r.size or parse_size(mc["recommended_size"])
         threads = r.threads if r.threads is not None else default_threads()
@@ -372,31 +371,6 @@ class RunSpec:
         runs = {k: d[k] for k in ("state_device", "allow_extrapolation", "drop_stages", "checkpoint_every")
                 if k in d}
         return cls(output=output, request=Request.from_json(d), **{**runs, **run}).validate()
-
-
-def _class_choice(r: Request, lm: LoadedModel) -> tuple[int | None, float | None]:
-    """The class index and guidance w of a request against its model (WsigenError: one line)."""
-    check_class(r, lm.config, lm.name)
-    if r.class_name is None:
-        return None, None
-    w = 1.0 if r.guidance is None else float(r.guidance)
-    return lm.class_label(r.class_name, w), w
-
-
-def check_class(r: Request, model_cfg: dict, model: str, count: int | None = None) -> None:
-    """Refuse a class choice the model cannot draw, before any work (one line each)."""
-    from ..slides.checkpoint import class_label
-
-    names = r.classes()
-    if not names:
-        if model_cfg.get("classes") and model_cfg.get("label_dropout") == 0:
-            raise WsigenError(f"model {model} was trained with --label-dropout 0 and has no class-free "
-                              f"call; choose a class with --class ({', '.join(model_cfg['classes'])})")
-        return
-    if len(names) > 1 and count is None:
-        raise UsageError(f"--class {r.class_name}: several classes need --count K (slides cycle through them)")
-    for n in names:
-        class_label(model_cfg, n, 1.0 if r.guidance is None else r.guidance, model)
 
 
 def model_config(spec: str | None, patch: int | None = None) -> dict:
