@@ -48,6 +48,10 @@ def command(resume_hint=None):
             except OSError as e:
                 err(_os_message(e))
                 raise typer.Exit(1) from None
+            except ModuleNotFoundError as e:  # an optional library this command needs (lazy imports)
+                err(f"this needs the Python package {e.name or str(e)!r}, which is not installed here "
+                    "(make install sets up every dependency)")
+                raise typer.Exit(1) from None
             except MemoryError:
                 err("out of memory; use a smaller --size, more --workers, or --batch 1")
                 raise typer.Exit(1) from None

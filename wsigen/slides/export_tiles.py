@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 
 from .. import faults
@@ -45,6 +44,8 @@ class Codec:
 
     def encode(self, tile: np.ndarray) -> bytes:
         """Encode one (h, w, 3) uint8 tile exactly as a TIFF reader will decode it."""
+        import imagecodecs  # not at import: sampling (e.g. on a GPU machine) needs no codec library
+
         if self.name == "jpeg":
             return imagecodecs.jpeg8_encode(tile, **self.jpeg_args())
         if self.name == "none":
@@ -124,6 +125,8 @@ def chunk_reader(arr) -> Callable[[int, int], np.ndarray] | None:
         except FileNotFoundError:  # never written (a --partial store): the fill value
             buf.fill(fill)
             return buf
+        import imagecodecs
+
         try:  # decode straight from the page cache (a chunk file is never empty)
             with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as raw:
                 imagecodecs.zstd_decode(raw, out=buf.reshape(-1))
