@@ -21,7 +21,7 @@ from ..slides.store import SlideStore
 from ..version import __version__
 from . import accel, oom, preflight, sampler, source
 from .config import RunSpec, SlideConfig, check_mpp_range
-from .devices import resolve_device
+from .devices import make_deterministic, resolve_device
 
 
 def check_output(out, overwrite: bool) -> None:
@@ -165,6 +165,7 @@ def sample(spec: RunSpec, *, progress: sampler.Progress | None = None,
     t_start = time.perf_counter()
     spec.validate()
     dev = resolve_device(spec.device)
+    make_deterministic(dev)
     preflight.state_device(spec.state_device, dev.type, 0, 0, None)  # a bad choice, before any work
     accel.tune_host_allocator()
     topo = topology or sampler.Topology()
