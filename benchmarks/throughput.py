@@ -4,6 +4,7 @@ per precision, batch size and variant (eager, channels-last, torch.compile), on 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from common import save
@@ -39,26 +40,41 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--variants", default="eager,channels-last,compile",
                     help="comma-separated among eager, channels-last, compile, compile+channels-last")
+    ap.add_argument("--precisions", default=None, help="comma-separated [default: fp32,bf16,fp16 on GPU; fp32,bf16]")
+    ap.add_argument("--compile-batch", type=int, default=None,
+                    help="compiled variants at this one batch size only (each shape compiles anew)")
+    ap.add_argument("--compile-precisions", default=None, help="compiled variants at these precisions only")
+    ap.add_argument("--configs", default=None, help="comma-separated among default, unet-30gflop [default: both]")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precisions = ["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16"]
+    precisions = (a.precisions.split(",") if a.precisions else
+                  ["fp32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16"])
     batches = [int(b) for b in (a.batches or ("1,8,32" if dev.type == "cuda" else "1")).split(",")]
     rows = []
+    wanted = a.configs.split(",") if a.configs else None
     for name, arch in configs().items():
+        if wanted and name not in wanted:
+            continue
         base = build_denoiser(make_config(arch, patch=a.patch)).to(dev).eval()
         gf = flops(base, a.patch, dev) / 1e9
         for variant in a.variants.split(","):
             net = accel.prepare(build_denoiser(make_config(arch, patch=a.patch)), dev,
                                 channels_last="channels-last" in variant, compile="compile" in variant)
+            compiled = "compile" in variant
             for prec in precisions:
-                for b in batches:
+                if compiled and a.compile_precisions and prec not in a.compile_precisions.split(","):
+                    continue
+                for b in ([a.compile_batch] if compiled and a.compile_batch else batches):
                     # the first call of a compiled net compiles it (excluded: measure_throughput warms up)
                     tp = measure_throughput(net, a.patch, b, dev, prec, seconds=a.seconds)
                     rows.append({"config": name, "gflop_per_patch": gf, "precision": prec, "batch": b,
                                  "variant": variant, "patches_per_s": tp, "device": dev.type})
                     print(f"{name:>13} ({gf:6.1f} GFLOP/patch) {variant:>22} {prec} batch {b:>3}: "
                           f"{tp:8.2f} patches/s", flush=True)
-    save(f"throughput-{dev.type}", {"patch": a.patch, "rows": rows})
+    path = save(f"throughput-{dev.type}", {"patch": a.patch, "rows": rows})
+    if a.out:
+        Path(a.out).write_text(path.read_text())
 
 
 if __name__ == "__main__":

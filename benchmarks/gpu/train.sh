@@ -35,7 +35,8 @@ if [[ $DRY == 1 ]]; then
   ARCH="$WORK/tiny.json"
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'train.sh: no CUDA device (use --dry-run)')"
-  DEVICE=cuda PREC=bf16 SIDE=8192 STEPS=100 BATCH=8 SECONDS_T=30 SIZE=1024 SAMPLE_STEPS=20
+  # TRAIN_STEPS / TRAIN_SECONDS shorten it where device time is short (run.sh's train section)
+  DEVICE=cuda PREC=bf16 SIDE=8192 STEPS=${TRAIN_STEPS:-100} BATCH=8 SECONDS_T=${TRAIN_SECONDS:-30} SIZE=1024 SAMPLE_STEPS=20
   ARCH=paper
 fi
 echo "work dir $WORK; arch $ARCH on $DEVICE ($PREC)"
