@@ -192,3 +192,14 @@ def test_an_export_of_a_class_store_gives_its_class(data, tmp_path, fmt):
     # a plain image records nothing: all references, as before
     r = evaluate.evaluate(data["pink-tif"], [data["refs"]], options=opts(reference_labels="folders"))
     assert r["references"]["slide_class"] is None and r["references"]["n"] == 4
+
+
+def test_reference_stores_in_class_folders(data, tmp_path):
+    """Stores laid out as refs/<class>/x.zarr are found below the folder and labelled by it."""
+    refs = tmp_path / "store-refs"
+    for cls in AMOUNTS:
+        for i in range(2):
+            write_store(refs / cls / f"{cls}{i}.zarr", he_image(256, cls, 20 + i), None)
+    r = evaluate.evaluate(data["pink"], [refs], options=opts(reference_labels="folders"))
+    assert r["references"]["n"] == 2 and r["references"]["classes"] == {"pink": 2, "purple": 2}
+    assert all("/pink/" in p for p in r["options"]["references"])

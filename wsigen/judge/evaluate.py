@@ -30,14 +30,23 @@ from .sources import StoreSlide, describe, exported_info, is_store, open_slide
 # -- slides -------------------------------------------------------------------------------------
 
 
+def _stores_under(folder: Path) -> list[Path]:
+    """The stores anywhere below ``folder`` (e.g. refs/<class>/x.zarr), not looking inside a store."""
+    found: list[Path] = []
+    for q in sorted(folder.iterdir()):
+        if q.is_dir():
+            found.extend([q] if is_store(q) else _stores_under(q))
+    return found
+
+
 def expand(paths) -> list[Path]:
-    """Stores stay as they are; folders without zarr.json are searched for images."""
+    """Stores stay as they are; a folder gives the stores below it, or else its images."""
     out: list[Path] = []
     for p in map(Path, paths):
         if is_store(p):
             out.append(p)
         elif p.is_dir():
-            stores = sorted(q for q in p.iterdir() if is_store(q))
+            stores = _stores_under(p)
             out.extend(stores or readers.find_images([p]))
         elif p.exists():
             out.append(p)
