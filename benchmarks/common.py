@@ -33,3 +33,25 @@ def save(name: str, data: dict) -> Path:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_denoiser(inner):
+    """``inner`` with each forward pass timed (synchronised on CUDA): ``.seconds``, ``.calls``."""
+    import torch
+
+    class Timed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.seconds, self.calls = inner, 0.0, 0
+            self.pixelwise = getattr(inner, "pixelwise", False)
+
+        def forward(self, *args):
+            t = time.perf_counter()
+            out = self.inner(*args)
+            if out.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+            return out
+
+    return Timed()

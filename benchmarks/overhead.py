@@ -8,25 +8,10 @@ import tempfile
 import time
 
 import torch
-from common import save
+from common import save, timed_denoiser
 
 from wsigen import api
 from wsigen.slides import checkpoint
-
-
-class Timed(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.seconds, self.calls = inner, 0.0, 0
-
-    def forward(self, *args):
-        t = time.perf_counter()
-        out = self.inner(*args)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t
-        self.calls += 1
-        return out
 
 
 def main() -> None:
@@ -42,7 +27,7 @@ def main() -> None:
 
     def load(spec="default", patch=None):
         lm = original(spec, patch)
-        lm.denoiser = timed.setdefault("m", Timed(lm.denoiser))
+        lm.denoiser = timed.setdefault("m", timed_denoiser(lm.denoiser))
         return lm
 
     checkpoint.load_model = load

@@ -13,32 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import wsigen
-from wsigen.slides import checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import timed_denoiser  # noqa: E402
 
-
-class Timed(torch.nn.Module):
-    """The denoiser with each forward pass timed (synchronised on CUDA)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.seconds, self.calls = inner, 0.0, 0
-        self.pixelwise = getattr(inner, "pixelwise", False)
-
-    def forward(self, *args):
-        t = time.perf_counter()
-        out = self.inner(*args)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - t
-        self.calls += 1
-        return out
+import wsigen  # noqa: E402
+from wsigen.slides import checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +45,7 @@ def main() -> None:
 
     def load(spec="default", patch=None):
         lm = original(spec, patch)
-        lm.denoiser = timed.setdefault("m", Timed(lm.denoiser))
+        lm.denoiser = timed.setdefault("m", timed_denoiser(lm.denoiser))
         return lm
 
     checkpoint.load_model = load
