@@ -76,8 +76,7 @@ def test_w1_costs_one_evaluation_and_other_w_two(models, tmp_path):
 
 
 def test_a_class_free_model_is_unchanged_by_class_support(models, tmp_path):
-    """No class: no class fields anywhere; the conditional model's no-class slide differs from a
-    class slide (the class embedding is used)."""
+    """A class-free model's store, key and recorded checkpoint config carry no class field."""
     out = tmp_path / "f.zarr"
     assert invoke("sample", "--model", models / "free.safetensors", *SMALL, "-o", out).exit_code == 0
     w = _wsigen(out)

@@ -116,26 +116,15 @@ def upscale(input: str | os.PathLike, out: str | os.PathLike, *, factor: int | N
     return launch.run_job(job)
 
 
-def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
-         steps: int | None = None, solver: str | None = None, batch: int = 8, seed: int = 0,
-         world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
-         throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
-         channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
-         guided_steps: int | None = None, guided_sigma: float | None = None,
-         start_sigma: float | None = None, stage_steps=None, grid_shift: bool = True,
-         guidance: float | None = None) -> dict:
-    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time.
+def plan(size=None, **options) -> dict:
+    """Stages, patches, denoiser evaluations, memory per process, disk and an estimated wall time
+    (``wsigen plan``; the options and their defaults are ``wsigen.run.estimate.plan``'s).
 
     The schedule options are ``sample``'s, resolved the same way, so the counts are exact;
     ``guidance`` w ∉ {0, 1} counts the two network evaluations of each guided call."""
     from .run import estimate
 
-    return estimate.plan(size, model=model, mpp=mpp, patch=patch, steps=steps, solver=solver, batch=batch,
-                         seed=seed, world=world, device=device, precision=precision, measure=measure,
-                         throughput=throughput, measure_seconds=measure_seconds, compile=compile,
-                         channels_last=channels_last, state_dtype=state_dtype, preset=preset,
-                         guided_steps=guided_steps, guided_sigma=guided_sigma, start_sigma=start_sigma,
-                         stage_steps=stage_steps, grid_shift=grid_shift, guidance=guidance)
+    return estimate.plan(size, **options)
 
 
 def train(slides, out, **options) -> dict:

@@ -16,7 +16,15 @@ import typer
 from ..errors import WsigenError
 from ..run import stopping
 from ..run.stopping import Terminated
-from .options import ClassOption, GuidanceOption
+from .options import (
+    ClassOption,
+    GuidanceOption,
+    GuidedSigmaOption,
+    PresetOption,
+    SolverOption,
+    StageStepsOption,
+    StartSigmaOption,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Synthetic gigapixel H&E whole-slide images with guided, grid-shifted diffusion.")
@@ -111,11 +119,11 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
     steps: Annotated[int | None, typer.Option(help="Solver steps N [default: from the model].", min=2)] = None,
     guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected onto the previous stage.", min=0)] = None,
-    solver: Annotated[str | None, typer.Option(help="heun, euler or dpmpp2m (DPM-Solver++(2M), one evaluation per step) [default: heun].")] = None,
-    preset: Annotated[str | None, typer.Option(help="paper (Heun, N = 40, r = 28, every stage from σ_max) or fast (docs/performance.md, \"Schedules\"); fills the schedule options not given.")] = None,
-    guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
-    start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
-    stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+    solver: SolverOption = None,
+    preset: PresetOption = None,
+    guided_sigma: GuidedSigmaOption = None,
+    start_sigma: StartSigmaOption = None,
+    stage_steps: StageStepsOption = None,
     class_name: ClassOption = None,
     guidance: GuidanceOption = None,
     batch: Annotated[int | None, typer.Option(help="Patches per forward pass [default: 8].", min=1)] = None,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .options import GuidedSigmaOption, PresetOption, SolverOption, StageStepsOption, StartSigmaOption
+
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
@@ -29,12 +31,12 @@ def register(app: typer.Typer) -> None:
         mpp: Annotated[float | None, typer.Option(help="Final µm/px [default: from the model].")] = None,
         patch: Annotated[int | None, typer.Option(help="Patch size M (models without one).", min=2)] = None,
         steps: Annotated[int | None, typer.Option(help="Solver steps N.", min=2)] = None,
-        solver: Annotated[str | None, typer.Option(help="heun, euler or dpmpp2m [default: heun].")] = None,
+        solver: SolverOption = None,
         guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected.", min=0)] = None,
-        preset: Annotated[str | None, typer.Option(help="paper (Heun, N = 40, r = 28, every stage from σ_max) or fast (docs/performance.md, \"Schedules\"); fills the schedule options not given.")] = None,
-        guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
-        start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
-        stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+        preset: PresetOption = None,
+        guided_sigma: GuidedSigmaOption = None,
+        start_sigma: StartSigmaOption = None,
+        stage_steps: StageStepsOption = None,
         guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance w of a class-conditional run: w ≠ 0, 1 doubles the network evaluations (and the batch in each pass).", min=0)] = None,
         batch: Annotated[int, typer.Option(help="Patches per forward pass.", min=1)] = 8,
         gpus: Annotated[int | None, typer.Option(help="Plan for N GPU processes.", min=1)] = None,

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from .options import ClassOption, GuidanceOption
+from .options import (
+    ClassOption,
+    GuidanceOption,
+    GuidedSigmaOption,
+    PresetOption,
+    SolverOption,
+    StageStepsOption,
+    StartSigmaOption,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,11 +43,11 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
         steps: Annotated[int | None, typer.Option(help="Solver steps N.", min=2)] = None,
         guided_steps: Annotated[int | None, typer.Option(help="Guided steps r.", min=0)] = None,
-        solver: Annotated[str | None, typer.Option(help="heun, euler or dpmpp2m [default: heun].")] = None,
-        preset: Annotated[str | None, typer.Option(help="paper (Heun, N = 40, r = 28, every stage from σ_max) or fast (docs/performance.md, \"Schedules\"); fills the schedule options not given.")] = None,
-        guided_sigma: Annotated[float | None, typer.Option(help="σ_r: both evaluations of step i are projected iff t_i ≥ σ_r (0: every step); excludes --guided-steps.", min=0)] = None,
-        start_sigma: Annotated[float | None, typer.Option(help="Guided stages start at A†y + S·ε and run a schedule from S down to σ_min (stage 0 always from σ_max).")] = None,
-        stage_steps: Annotated[str | None, typer.Option(help="Steps per guided stage, counted from the last stage back (e.g. 40,32,24: last 24, one before 32, earlier 40); stage 0 takes --steps.")] = None,
+        solver: SolverOption = None,
+        preset: PresetOption = None,
+        guided_sigma: GuidedSigmaOption = None,
+        start_sigma: StartSigmaOption = None,
+        stage_steps: StageStepsOption = None,
         class_name: ClassOption = None,
         guidance: GuidanceOption = None,
         batch: Annotated[int | None, typer.Option(help="Patches per forward pass.", min=1)] = None,

@@ -96,19 +96,25 @@ def select(paths: list[Path], roots, spec: str | None, cls: str | None, source: 
     return Selection(chosen, len(paths), cls, source, labels, names)
 
 
-def by_class(pg: np.ndarray, generated: dict, sel: Selection, patches_of, seed: int) -> list[dict]:
+def by_class(pg: np.ndarray, generated: dict, sel: Selection, patches_of, seed: int,
+             chosen: tuple[dict, dict] | None = None) -> list[dict]:
     """One row per labelled reference class: colour/stain distances of the generated tissue pixels
     ``pg`` (summary ``generated``) to the references of that class. ``patches_of(indices)`` gives
-    the PatchSet of those references. The row with the smallest mean OD W₁ is ``nearest``."""
+    the PatchSet of those references; ``chosen`` the (summary, distances) already computed for
+    the selected references, reused for the class that is exactly them. The row with the smallest
+    mean OD W₁ is ``nearest``."""
     rows = []
     for c in sel.labels.classes:
         idx = sel.of_class(c)
         ps = patches_of(idx)
         row = {"class": c, "n_references": len(idx), "n_patches": len(ps), "own": c == sel.slide_class}
-        pr = tissue_pixels(ps.array(), seed=seed) if len(ps) else np.zeros((0, 3), np.uint8)
-        if len(pr):
-            s = colour_summary(pr)
-            d = colour_distances(pg, pr, generated, s)
+        if chosen is not None and tuple(idx) == sel.chosen:
+            s, d = chosen  # the selected references: computed by the caller already
+        else:
+            pr = tissue_pixels(ps.array(), seed=seed) if len(ps) else np.zeros((0, 3), np.uint8)
+            s = colour_summary(pr) if len(pr) else None
+            d = colour_distances(pg, pr, generated, s) if len(pr) else None
+        if d is not None:
             row.update(amounts=s["amounts"], od_mean=s["od_mean"],
                        od_w1=round(float(np.mean(d["od_w1"])), 4),
                        rgb_w1=round(float(np.mean(d["rgb_w1"])), 3),

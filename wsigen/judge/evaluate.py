@@ -166,7 +166,8 @@ def _report(slide, all_refs, trains, o: Options, progress: Progress | None,
                 return sample_patches([all_refs[i] for i in idx], m0, o.patch_size, o.patches,
                                       o.seed + 1, o.min_tissue)
 
-            col["by_class"] = classes.by_class(pg, col["generated"], sel, patches_of, o.seed)
+            done = (col["reference"], col["distances"]) if "distances" in col else None
+            col["by_class"] = classes.by_class(pg, col["generated"], sel, patches_of, o.seed, done)
         report["colour"] = col
     else:
         report["colour"] = None

@@ -39,14 +39,27 @@ class ClassGuided(nn.Module):
             raise ValueError(f"class label must be ≥ 0 (got {label})")
         self.denoiser, self.label, self.guidance = denoiser, int(label), float(guidance)
         self.pixelwise = getattr(denoiser, "pixelwise", False)
+        self._labels: dict = {}  # (batch, device) → the label tensor of a call: made once per shape
+
+    def labels(self, b: int, device: torch.device) -> torch.Tensor:
+        """The labels of a call on ``b`` patches: c (w = 1) or ∅ (w = 0) for each, else [c]·b + [∅]·b."""
+        key = (b, device)
+        t = self._labels.get(key)
+        if t is None:
+            if self.guidance in (0, 1):
+                t = torch.full((b,), self.label if self.guidance == 1 else NO_CLASS, dtype=torch.long)
+            else:
+                t = torch.tensor([self.label, NO_CLASS], dtype=torch.long).repeat_interleave(b)
+            t = self._labels[key] = t.to(device)
+        return t
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, mpp: torch.Tensor) -> torch.Tensor:
         b, w = x.shape[0], self.guidance
+        labels = self.labels(b, x.device)
         if w in (0, 1):
-            label = self.label if w == 1 else NO_CLASS
-            return self.denoiser(x, sigma, mpp, torch.full((b,), label, dtype=torch.long, device=x.device))
-        labels = torch.tensor([self.label, NO_CLASS], dtype=torch.long, device=x.device).repeat_interleave(b)
-        sig = sigma.reshape(-1).expand(b).repeat(2) if sigma.numel() in (1, b) else sigma
-        s = mpp.reshape(-1).expand(b).repeat(2) if mpp.numel() in (1, b) else mpp
+            return self.denoiser(x, sigma, mpp, labels)
+        # one σ (or µm/px) for all is broadcast by the denoiser; one per patch is repeated for [x; x]
+        sig = sigma if sigma.numel() == 1 else sigma.reshape(-1).repeat(2)
+        s = mpp if mpp.numel() == 1 else mpp.reshape(-1).repeat(2)
         d = self.denoiser(torch.cat([x, x]), sig, s, labels)
         return combine(d[b:], d[:b], w)

@@ -184,19 +184,19 @@ class UNet(nn.Module):
         return self.out(F.silu(self.out_norm(h)))
 
     def _add_class(self, e: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
+        if labels is None or not labels.numel():
             return e
         labels = labels.reshape(-1).to(torch.long)
+        lo, hi = (int(v) for v in torch.aminmax(labels))  # one device sync for every check below
         if not self.cfg.classes:
-            if bool((labels >= 0).any()):
+            if hi >= 0:
                 raise ValueError("a class label was given to a class-free network")
             return e
-        if bool((labels >= self.cfg.classes).any()) or bool((labels < -1).any()):
+        if hi >= self.cfg.classes or lo < -1:
             raise ValueError(f"class labels must lie in −1…{self.cfg.classes - 1}")
-        has = labels >= 0
-        if not self.training and not bool(has.any()):
+        if not self.training and hi < 0:
             # every sample "no class": exactly the class-free call. (Training always uses the
             # embedding, adding zeros there, so that DDP sees it used in every step.)
             return e
         c = self.class_emb(labels.clamp(min=0).to(e.device)).to(e.dtype)
-        return e + torch.where(has.to(e.device)[:, None], c, torch.zeros_like(c))
+        return e + torch.where((labels >= 0).to(e.device)[:, None], c, torch.zeros_like(c))

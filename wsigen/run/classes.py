@@ -7,6 +7,7 @@ does not know, w ≠ 1 without a class-free call (label dropout 0), several clas
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError, WsigenError
@@ -16,6 +17,12 @@ if TYPE_CHECKING:
 
 #: Request/SlideConfig field → store config name (stored, and keyed, only when set)
 CLASS_FIELDS = {"class_name": "class", "guidance": "guidance"}
+
+
+def check_guidance(w: float | None) -> None:
+    """w, where given, is a finite number ≥ 0 (UsageError otherwise)."""
+    if w is not None and not (w >= 0 and math.isfinite(w)):
+        raise UsageError(f"--guidance must be a non-negative number (got {w:g})")
 
 
 def class_choice(r, lm: LoadedModel) -> tuple[int | None, float | None]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError, WsigenError
-from .classes import CLASS_FIELDS, class_choice
+from .classes import CLASS_FIELDS, check_guidance, class_choice
 from .presets import SCHEDULE_FIELDS, check_preset, schedule_record
 from .presets import resolve as resolve_schedule
 from .source import Source
@@ -134,8 +134,7 @@ class Request:
         if self.guidance is not None:
             if self.class_name is None:
                 raise UsageError("--guidance needs --class (it weighs the class against the class-free model)")
-            if not (self.guidance >= 0 and math.isfinite(self.guidance)):
-                raise UsageError(f"--guidance must be a non-negative number (got {self.guidance:g})")
+            check_guidance(self.guidance)
         if self.class_name is not None:
             self.classes()
 

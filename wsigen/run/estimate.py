@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 from ..errors import UsageError
 from ..method import classfree, planning, stages
 from ..slides import checkpoint
 from . import accel
+from .classes import check_guidance
 from .config import Request, parse_size
 from .devices import resolve_device
 from .presets import resolve as resolve_schedule
 
 
 def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: int | None = None,
-         steps: int | None = None, solver: str = "heun", batch: int = 8, seed: int = 0,
+         steps: int | None = None, solver: str | None = None, batch: int = 8, seed: int = 0,
          world: int = 1, device: str = "auto", precision: str = "fp32", measure: bool = False,
          throughput: float | None = None, measure_seconds: float = 3.0, compile: bool = False,
          channels_last: bool | None = None, state_dtype: str = "float32", preset: str | None = None,
@@ -38,8 +37,7 @@ def plan(size=None, *, model: str = "default", mpp: float | None = None, patch: 
                                grid_shift=grid_shift, guided_sigma=sched.guided_sigma,
                                start_sigma=sched.start_sigma, stage_steps=sched.stage_steps).validate()
     c = planning.count(w, h, lm.patch, mc["k"], mpp, n, seed, settings=settings)
-    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
-        raise UsageError(f"--guidance must be a non-negative number (got {guidance:g})")
+    check_guidance(guidance)
     per_call = classfree.evaluations(guidance)
     if guidance is not None:  # network evaluations: twice per guided denoiser call (w ∉ {0, 1})
         c = {**c, "denoiser_calls": c["evaluations"], "evaluations": c["evaluations"] * per_call,

@@ -88,11 +88,13 @@ def aperio_description(meta: dict, width: int, height: int, tile: int, codec: Co
     return head + "".join(f"|{k} = {_ascii(v)}" for k, v in fields.items())
 
 
+#: provenance values that are strings (``ome_xml`` writes them without JSON quotes)
+_TEXT_KEYS = ("class", "model", "model_sha256", "software")
+
+
 def read_provenance(path) -> dict | None:
     """The provenance an export of ours carries (generic TIFF JSON, OME-XML map annotation or
     Aperio fields of the first page's ImageDescription), or None for any other file."""
-    import re
-
     import tifffile
 
     try:
@@ -106,16 +108,23 @@ def read_provenance(path) -> dict | None:
             return json.loads(desc[len(head):])
         except json.JSONDecodeError:
             return None
-    if WSIGEN_NS in desc:  # OME-XML: <M K="key">value</M>, strings raw and the rest as JSON
-        from xml.sax.saxutils import unescape
+    if WSIGEN_NS in desc:  # OME-XML: our MapAnnotation's <M K="key">value</M> (``ome_xml``)
+        import xml.etree.ElementTree as ET
 
+        try:
+            root = ET.fromstring(desc)
+        except ET.ParseError:
+            return None
         out = {}
-        for k, v in re.findall(r'<M K="([^"]*)">([^<]*)</M>', desc):
-            v = unescape(v)
+        for m in root.iter(f"{{{OME_NS}}}M"):
+            k, v = m.get("K"), m.text or ""
+            if k in _TEXT_KEYS:  # strings are written as they are, everything else as JSON
+                out[k] = v
+                continue
             try:
-                out[unescape(k)] = json.loads(v) if k not in ("class", "model", "model_sha256") else v
+                out[k] = json.loads(v)
             except json.JSONDecodeError:
-                out[unescape(k)] = v
+                out[k] = v
         return out or None
     if desc.startswith("Aperio") and "|Synthetic = true" in desc:
         fields = dict(f.split(" = ", 1) for f in desc.split("|")[1:] if " = " in f)
