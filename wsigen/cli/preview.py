@@ -47,6 +47,8 @@ def render(report: dict, console) -> None:
     """The report as rich tables (the same numbers as ``--json``)."""
     from rich.table import Table
 
+    from ..judge.classes import source_text
+
     s = report["slide"]
     head = f"[bold]{s['name']}[/]  {s['width']:,} × {s['height']:,} px at {s['mpp']:g} µm/px"
     if s.get("synthetic"):
@@ -61,8 +63,7 @@ def render(report: dict, console) -> None:
         line = f"references: {refs['n']} of {refs['total']}"
         if refs.get("compared") == "class":
             line += f", those of class {refs['slide_class']}"
-            src = refs.get("class_source")
-            line += {"--class": " (--class)", "store": " (the store's class)"}.get(src, f" (from its {src})")
+            line += f" ({source_text(refs.get('class_source'))})"
         elif refs.get("labels"):
             line += ", all classes"
         if refs.get("classes"):

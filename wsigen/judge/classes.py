@@ -71,6 +71,11 @@ class Selection:
         return None
 
 
+def source_text(source: str | None) -> str:
+    """Where a slide's class came from, as the report says it: ``slide_class``'s second value."""
+    return {"store": "the store's class", "--class": "--class"}.get(source, f"the class of its {source}")
+
+
 def _counts(labels: Labels) -> str:
     return ", ".join(f"{c} {n}" for c, n in zip(labels.classes, labels.counts(), strict=True))
 
@@ -89,8 +94,7 @@ def select(paths: list[Path], roots, spec: str | None, cls: str | None, source: 
     else:
         chosen = tuple(i for i, n in enumerate(names) if n == cls)
         if not chosen:
-            where = {"store": "the store's class", "--class": "--class"}.get(source, f"the class of its {source}")
-            raise UsageError(f"--reference-labels: no reference slide is labelled {cls!r} ({where}); the "
+            raise UsageError(f"--reference-labels: no reference slide is labelled {cls!r} ({source_text(source)}); the "
                              f"references' classes are {_counts(labels)} (add references of {cls!r}, "
                              "or give --class to compare with another class)")
     return Selection(chosen, len(paths), cls, source, labels, names)
