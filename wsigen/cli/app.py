@@ -16,15 +16,7 @@ import typer
 from ..errors import WsigenError
 from ..run import stopping
 from ..run.stopping import Terminated
-from .options import (
-    ClassOption,
-    GuidanceOption,
-    GuidedSigmaOption,
-    PresetOption,
-    SolverOption,
-    StageStepsOption,
-    StartSigmaOption,
-)
+from . import options as opt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Synthetic gigapixel H&E whole-slide images with guided, grid-shifted diffusion.")
@@ -119,13 +111,13 @@ def sample(
     seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
     steps: Annotated[int | None, typer.Option(help="Solver steps N [default: from the model].", min=2)] = None,
     guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected onto the previous stage.", min=0)] = None,
-    solver: SolverOption = None,
-    preset: PresetOption = None,
-    guided_sigma: GuidedSigmaOption = None,
-    start_sigma: StartSigmaOption = None,
-    stage_steps: StageStepsOption = None,
-    class_name: ClassOption = None,
-    guidance: GuidanceOption = None,
+    solver: opt.SolverOption = None,
+    preset: opt.PresetOption = None,
+    guided_sigma: opt.GuidedSigmaOption = None,
+    start_sigma: opt.StartSigmaOption = None,
+    stage_steps: opt.StageStepsOption = None,
+    class_name: opt.ClassOption = None,
+    guidance: opt.GuidanceOption = None,
     batch: Annotated[int | None, typer.Option(help="Patches per forward pass [default: 8].", min=1)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import GuidedSigmaOption, PresetOption, SolverOption, StageStepsOption, StartSigmaOption
+from . import options as opt
 
 
 def _gb(n: float) -> str:
@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
         mpp: Annotated[float | None, typer.Option(help="Final µm/px [default: from the model].")] = None,
         patch: Annotated[int | None, typer.Option(help="Patch size M (models without one).", min=2)] = None,
         steps: Annotated[int | None, typer.Option(help="Solver steps N.", min=2)] = None,
-        solver: SolverOption = None,
+        solver: opt.SolverOption = None,
         guided_steps: Annotated[int | None, typer.Option(help="r: steps i < r are projected.", min=0)] = None,
-        preset: PresetOption = None,
-        guided_sigma: GuidedSigmaOption = None,
-        start_sigma: StartSigmaOption = None,
-        stage_steps: StageStepsOption = None,
+        preset: opt.PresetOption = None,
+        guided_sigma: opt.GuidedSigmaOption = None,
+        start_sigma: opt.StartSigmaOption = None,
+        stage_steps: opt.StageStepsOption = None,
         guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance w of a class-conditional run: w ≠ 0, 1 doubles the network evaluations (and the batch in each pass).", min=0)] = None,
         batch: Annotated[int, typer.Option(help="Patches per forward pass.", min=1)] = 8,
         gpus: Annotated[int | None, typer.Option(help="Plan for N GPU processes.", min=1)] = None,

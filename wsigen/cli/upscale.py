@@ -8,15 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .options import (
-    ClassOption,
-    GuidanceOption,
-    GuidedSigmaOption,
-    PresetOption,
-    SolverOption,
-    StageStepsOption,
-    StartSigmaOption,
-)
+from . import options as opt
 
 
 def register(app: typer.Typer) -> None:
@@ -43,13 +35,13 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option(help="Random seed [default: 0].", min=0)] = None,
         steps: Annotated[int | None, typer.Option(help="Solver steps N.", min=2)] = None,
         guided_steps: Annotated[int | None, typer.Option(help="Guided steps r.", min=0)] = None,
-        solver: SolverOption = None,
-        preset: PresetOption = None,
-        guided_sigma: GuidedSigmaOption = None,
-        start_sigma: StartSigmaOption = None,
-        stage_steps: StageStepsOption = None,
-        class_name: ClassOption = None,
-        guidance: GuidanceOption = None,
+        solver: opt.SolverOption = None,
+        preset: opt.PresetOption = None,
+        guided_sigma: opt.GuidedSigmaOption = None,
+        start_sigma: opt.StartSigmaOption = None,
+        stage_steps: opt.StageStepsOption = None,
+        class_name: opt.ClassOption = None,
+        guidance: opt.GuidanceOption = None,
         batch: Annotated[int | None, typer.Option(help="Patches per forward pass.", min=1)] = None,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
         precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 autocast [default: fp32].")] = None,
